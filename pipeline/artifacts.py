@@ -1,0 +1,147 @@
+"""Artifact folders and their manifest, `bertforge.json`.
+
+Every stage reads a folder and writes a folder. The folder opens with the standard loaders
+(`from_pretrained`, optimum's ORT models); the manifest says where it came from (lineage), how it was
+made (parameters, seed, package versions), what it scores, how big it is and the sha256 of each file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BertforgeError
+
+MANIFEST = "bertforge.json"
+_VERSIONED = ("bertforge", "torch", "transformers", "onnx", "onnxruntime", "optimum", "optimum-onnx",
+              "neural-compressor", "neural-compressor-pt", "numpy")
+
+
+@dataclass
+class Manifest:
+    stage: str
+    task: str | None = None
+    format: str = "pytorch"  # pytorch | onnx
+    precision: str = "fp32"  # fp32 | fp16 | int8
+    parent: str | None = None  # path or hub id this artifact was made from
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # ancestors, oldest first
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # e.g. {"dev": {"accuracy": .., "score": ..}}
+    num_parameters: int | None = None
+    files: list[dict[str, Any]] = field(default_factory=list)  # {"path", "bytes", "sha256"}
+    size_bytes: int = 0
+    wall_s: float | None = None
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    platform: str = ""
+
+    @property
+    def score(self) -> float | None:
+        return self.metrics.get("dev", {}).get("score")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_records(folder: Path) -> list[dict[str, Any]]:
+    """Every file of an artifact but the manifest itself and working sub-folders (checkpoints)."""
+    records = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or rel.name == MANIFEST or rel.parts[0] in ("checkpoints", "logs"):
+            continue
+        records.append({"path": rel.as_posix(), "bytes": path.stat().st_size, "sha256": sha256(path)})
+    return records
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest | None:
+    """The manifest of an artifact folder, or None when it has none (a folder made elsewhere)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BertforgeError(f"{path} is not valid JSON: {e}") from None
+    known = Manifest.__dataclass_fields__
+    return Manifest(**{k: v for k, v in data.items() if k in known})
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Manifest:
+    """Fill in files, sizes, versions and lineage, then write `bertforge.json` into `folder`."""
+    folder = Path(folder)
+    manifest.files = file_records(folder)
+    manifest.size_bytes = sum(f["bytes"] for f in manifest.files)
+    manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest.versions = manifest.versions or package_versions()
+    manifest.platform = manifest.platform or f"{platform.system()} {platform.machine()} {platform.processor()}".strip()
+    if manifest.parent and not manifest.lineage:
+        manifest.lineage = lineage_of(manifest.parent)
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(asdict(manifest), indent=2, default=str) + "\n")
+    tmp.replace(folder / MANIFEST)
+    return manifest
+
+
+def lineage_of(parent: str) -> list[dict[str, Any]]:
+    """The parent's own lineage plus the parent itself (a hub id or a folder without manifest is a root)."""
+    parent_manifest = read_manifest(parent) if Path(parent).is_dir() else None
+    if parent_manifest is None:
+        return [{"stage": "source", "path": str(parent)}]
+    entry = {"stage": parent_manifest.stage, "path": str(parent), "score": parent_manifest.score,
+             "format": parent_manifest.format, "precision": parent_manifest.precision,
+             "size_bytes": parent_manifest.size_bytes}
+    return [*parent_manifest.lineage, entry]
+
+
+def verify_files(folder: str | os.PathLike) -> list[str]:
+    """Files whose size or checksum no longer matches the manifest (empty list: intact)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return []
+    bad = []
+    for rec in manifest.files:
+        path = folder / rec["path"]
+        if not path.is_file() or path.stat().st_size != rec["bytes"] or sha256(path) != rec["sha256"]:
+            bad.append(rec["path"])
+    return bad
+
+
+def prepare_output_dir(out: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Create `out`; refuse to write into a folder that holds something other than an artifact."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BertforgeError(f"output {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder `src` to `dst`, replacing it (used to publish a finished artifact atomically-ish)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    src.replace(dst)

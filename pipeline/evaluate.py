@@ -1,0 +1,71 @@
+"""Score an artifact (PyTorch or ONNX) on a GLUE split with the task's official metrics."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.data import Collator, EncodedDataset, compute_metrics, dev_split, eval_loader, get_task, load_glue, logits_to_predictions
+from pipeline.data.tasks import TaskSpec
+from pipeline.errors import BertforgeError
+from pipeline.inference import label_names, load_runtime
+
+
+@dataclass
+class EvalResult:
+    task: str
+    split: str
+    metrics: dict[str, float]
+    num_examples: int
+    wall_s: float
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "split": self.split, "metrics": self.metrics,
+                "num_examples": self.num_examples, "wall_s": round(self.wall_s, 2)}
+
+
+def label_permutation(config, task: TaskSpec) -> list[int] | None:
+    """Column order that turns a model's logits into the task's label order, when the model names the
+    same labels in another order (e.g. an MNLI model from the original BERT scripts). None: use as is."""
+    if task.is_regression:
+        return None
+    names = [n.lower() for n in label_names(config)]
+    wanted = [n.lower() for n in task.labels]
+    if sorted(names) != sorted(wanted) or names == wanted:
+        return None
+    return [names.index(n) for n in wanted]
+
+
+def predict_logits(runtime, examples, task: TaskSpec, max_length: int, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Logits of every example in input order, in the task's label order."""
+    dataset = EncodedDataset(examples, runtime.tokenizer, max_length)
+    loader = eval_loader(dataset, Collator(runtime.tokenizer, task.is_regression), batch_size)
+    out = np.zeros((len(dataset), runtime.config.num_labels), dtype=np.float32)
+    for batch in tqdm(loader, desc=f"eval {task.name}", disable=not progress, leave=False):
+        idx = batch.pop("idx").numpy()
+        batch.pop("labels", None)
+        out[idx] = runtime({k: v.numpy() for k, v in batch.items()})
+    perm = label_permutation(runtime.config, task)
+    return out[:, perm] if perm else out
+
+
+def evaluate(model: str | os.PathLike, task: str, data_dir: str | os.PathLike | None = None, split: str | None = None,
+             max_length: int | None = None, batch_size: int = 64, runtime=None, progress: bool = True, examples=None) -> EvalResult:
+    """Official metrics of `model` on `task`'s dev split (or `split`)."""
+    spec = get_task(task)
+    split = split or dev_split(spec)
+    runtime = runtime or load_runtime(model)
+    if runtime.config.num_labels != spec.num_labels:
+        raise BertforgeError(
+            f"label-count mismatch: {model} has {runtime.config.num_labels} labels, task {spec.name} has {spec.num_labels}"
+        )
+    examples = examples if examples is not None else load_glue(spec.name, split, data_dir)
+    if any(ex.label is None for ex in examples):
+        raise BertforgeError(f"split {split} of {spec.name} has no labels to score against")
+    start = time.perf_counter()
+    logits = predict_logits(runtime, examples, spec, max_length or spec.default_max_length, batch_size, progress)
+    metrics = compute_metrics(spec.name, logits_to_predictions(spec.name, logits), [ex.label for ex in examples])
+    return EvalResult(spec.name, split, metrics, len(examples), time.perf_counter() - start)

@@ -1,0 +1,204 @@
+"""The training loop every recipe shares: AdamW with linear warm-up and decay, progress bars showing
+the loss parts, periodic checkpoints with exact resume, evaluation on dev and best-checkpoint keeping.
+
+A recipe supplies what differs: the trainable modules, a `loss_fn(batch) -> {"loss": ..., part: ...}`,
+an `evaluate_fn() -> score` and a `save_best_fn(score)`. Resume is exact: the data order depends only on
+(seed, epoch), the RNG states are saved, so a killed and resumed run ends with the same weights as an
+uninterrupted one. Multi-GPU runs go through Hugging Face accelerate (`accelerate launch bertforge ...`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from pipeline.errors import BertforgeError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    eval_every: int | None = None  # optimizer steps; None: at the end of each epoch
+    checkpoint_every: int = 200  # optimizer steps
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, quick runs)
+    seed: int = 42
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (GPU), through accelerate
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class TrainLoop:
+    def __init__(self, cfg: LoopConfig, modules: torch.nn.Module, dataset, collator, loss_fn: Callable[[dict], dict],
+                 out_dir: str | Path, evaluate_fn: Callable[[], float] | None = None,
+                 save_best_fn: Callable[[float], None] | None = None, desc: str = "train",
+                 run_config: dict | None = None, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.dataset, self.collator, self.loss_fn = dataset, collator, loss_fn
+        self.evaluate_fn, self.save_best_fn = evaluate_fn, save_best_fn
+        self.desc, self.progress = desc, progress
+        self.ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
+        self.run_config = run_config or {}
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        self.steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / self.accelerator.num_processes)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        total = self.steps_per_epoch * cfg.epochs
+        decay = [p for n, p in modules.named_parameters() if p.requires_grad and not _no_decay(n)]
+        no_decay = [p for n, p in modules.named_parameters() if p.requires_grad and _no_decay(n)]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+        self.modules, self.optimizer, self.scheduler = self.accelerator.prepare(modules, optimizer, scheduler)
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": None, "total_steps": total}
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def has_checkpoint(self) -> bool:
+        return (self.ckpt_dir / "last" / "state.pt").is_file()
+
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        tmp = self.ckpt_dir / "last.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save({
+            "modules": self.accelerator.unwrap_model(self.modules).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "state": self.state,
+        }, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps({"loop": asdict(self.cfg), "run": self.run_config}, indent=2, default=str))
+        last = self.ckpt_dir / "last"
+        shutil.rmtree(last, ignore_errors=True)
+        tmp.replace(last)
+
+    def load_checkpoint(self) -> None:
+        last = self.ckpt_dir / "last"
+        saved = json.loads((last / "config.json").read_text())
+        mine = json.loads(json.dumps({"loop": asdict(self.cfg), "run": self.run_config}, default=str))
+        if saved != mine:
+            diff = sorted(k for part in ("loop", "run") for k in set(saved[part]) | set(mine[part])
+                          if saved[part].get(k) != mine[part].get(k))
+            raise BertforgeError(f"cannot resume from {last}: the run's settings changed ({', '.join(diff)})")
+        ckpt = torch.load(last / "state.pt", map_location="cpu", weights_only=False)
+        self.accelerator.unwrap_model(self.modules).load_state_dict(ckpt["modules"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        self.state = ckpt["state"]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> float | None:
+        """Train to the end; returns the best dev score (None when there is no evaluation)."""
+        from pipeline.data import train_loader
+
+        if self.has_checkpoint():
+            if not resume:
+                raise BertforgeError(f"{self.ckpt_dir.parent} holds an unfinished run: pass --resume to continue it")
+            self.load_checkpoint()
+        else:
+            seed_everything(self.cfg.seed)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        bar = tqdm(total=self.state["total_steps"], initial=self.state["global_step"], desc=self.desc,
+                   disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True)
+        while self.state["epoch"] < self.cfg.epochs:
+            epoch = self.state["epoch"]
+            self.modules.train()
+            loader = train_loader(self.dataset, self.collator, self.cfg.batch_size, self.cfg.seed, epoch)
+            for i, batch in enumerate(loader):
+                step = i // world
+                if i % world != rank or step < self.state["step_in_epoch"]:
+                    continue  # another process's batch, or already trained before the resume
+                if step >= self.steps_per_epoch:
+                    break
+                parts = self._train_step(batch)
+                self.state["step_in_epoch"] = step + 1
+                self.state["global_step"] += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()}, refresh=False)
+                gs = self.state["global_step"]
+                if self.cfg.eval_every and gs % self.cfg.eval_every == 0:
+                    self._evaluate()
+                if self.cfg.checkpoint_every and gs % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            self.state["epoch"] += 1
+            self.state["step_in_epoch"] = 0
+            if not self.cfg.eval_every or self.state["global_step"] % self.cfg.eval_every:
+                self._evaluate()
+            self.save_checkpoint()
+        bar.close()
+        return self.state["best_score"]
+
+    def _train_step(self, batch: dict) -> dict[str, float]:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.accelerator.autocast():
+            parts = self.loss_fn(batch)
+        self.accelerator.backward(parts["loss"])
+        if self.cfg.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.modules.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+    def _evaluate(self) -> None:
+        if self.evaluate_fn is None:
+            if self.save_best_fn and self.accelerator.is_main_process:
+                self.save_best_fn(float("nan"))  # nothing to compare: the latest is kept
+            return
+        self.modules.eval()
+        score = self.evaluate_fn() if self.accelerator.is_main_process else None
+        self.modules.train()
+        best = self.state["best_score"]
+        if score is not None and (best is None or score > best):
+            self.state["best_score"] = score
+            if self.save_best_fn:
+                self.save_best_fn(score)
+        tqdm.write(f"[{self.desc}] step {self.state['global_step']}: dev score {score:.4f} (best {self.state['best_score']:.4f})")
+
+    def finish(self) -> None:
+        """Remove the resume state once the final artifact is written."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
