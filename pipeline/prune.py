@@ -1,0 +1,358 @@
+"""Recipe: structured pruning of attention heads and FFN neurons, optionally followed by recovery
+distillation from the unpruned model; or unstructured magnitude pruning.
+
+Importance is measured on task data with gates: each head's output and each FFN neuron's activation is
+multiplied by a gate fixed at 1, and the importance of a unit is the accumulated |d loss / d gate|
+(Michel et al. 2019, "Are Sixteen Heads Really Better than One?"; for a neuron the gate gradient is
+sum(activation x grad), the first-order Taylor estimate of removing it). Scores are normalised per layer
+(L2) so a global ranking compares layers fairly. The chosen units are really cut out of the weight
+matrices (`prune_heads`, `prune_linear_layer`), so the model is smaller and faster in every runtime.
+
+Saving: transformers re-applies `config.pruned_heads` when it loads a model; a shared FFN width goes in
+`config.intermediate_size`. When layers keep different FFN widths the artifact carries
+`config.intermediate_sizes` and `modeling_pruned_bert.py`, and loads with
+`AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` (or `load_model`).
+"""
+from __future__ import annotations
+
+import copy
+import gzip
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification
+from transformers.pytorch_utils import prune_linear_layer
+
+from pipeline.artifacts import Manifest, prepare_output_dir, read_manifest, write_manifest
+from pipeline.data import Collator, EncodedDataset, dev_split, eval_loader, get_task, load_glue
+from pipeline.errors import BertforgeError
+from pipeline.evaluate import evaluate
+from pipeline.inference import TorchClassifier
+from pipeline.models import count_parameters, load_config, load_tokenizer, resolve_model
+from pipeline.training import LoopConfig, TrainLoop
+
+MODELING_FILE = Path(__file__).with_name("modeling_pruned_bert.py")
+AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_pruned_bert.PrunedBertForSequenceClassification"}
+
+
+@dataclass
+class PruneConfig:
+    model: str
+    task: str
+    out: str
+    glue_dir: str | None = None
+    heads: float = 0.0  # fraction of the attention heads to remove
+    ffn: float = 0.0  # fraction of the FFN neurons to remove
+    target_params: int | None = None  # instead of fractions: remove equal fractions of both to fit this budget
+    per_layer: bool = False  # the same fraction in every layer (default: one global ranking)
+    unstructured: float = 0.0  # magnitude sparsity of the encoder's weight matrices (no speed-up)
+    importance_examples: int = 1024  # training examples used to score heads and neurons
+    importance_batch_size: int = 32
+    max_length: int | None = None
+    recover_epochs: int = 0  # prediction-layer distillation from the unpruned model afterwards
+    temperature: float = 1.0
+    max_train_examples: int | None = None
+    eval_batch_size: int = 64
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=1, batch_size=32, learning_rate=5e-5))
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+def load_model(path: str) -> torch.nn.Module:
+    """A PyTorch classifier artifact, pruned with per-layer FFN widths or not."""
+    path = resolve_model(path)
+    config = load_config(path)
+    remote = bool(getattr(config, "auto_map", None)) and (Path(path) / MODELING_FILE.name).is_file()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=remote)
+    except Exception as e:  # OSError, safetensors' own errors for corrupt files, size mismatches
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BertforgeError(f"cannot load model weights from {path}: {first[:200]}") from None
+
+
+def _layers(model):
+    if not hasattr(model, "bert"):
+        raise BertforgeError(f"structured pruning supports BERT models; got {type(model).__name__}")
+    return model.bert.encoder.layer
+
+
+def head_counts(model) -> list[int]:
+    return [layer.attention.self.num_attention_heads for layer in _layers(model)]
+
+
+def ffn_sizes(model) -> list[int]:
+    return [layer.intermediate.dense.out_features for layer in _layers(model)]
+
+
+# -- importance ----------------------------------------------------------------------------------
+
+def unit_importance(model, loader, device="cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, |d loss/d gate| accumulated over `loader` for each head and each FFN neuron."""
+    layers = _layers(model)
+    head_gates = [torch.ones(n, requires_grad=True, device=device) for n in head_counts(model)]
+    ffn_gates = [torch.ones(n, requires_grad=True, device=device) for n in ffn_sizes(model)]
+    head_scores = [torch.zeros(n) for n in head_counts(model)]
+    ffn_scores = [torch.zeros(n) for n in ffn_sizes(model)]
+    hooks = []
+    for i, layer in enumerate(layers):
+        def gate_heads(module, args, output, i=i):
+            context = output[0]
+            b, s, _ = context.shape
+            gated = (context.view(b, s, len(head_gates[i]), -1) * head_gates[i][:, None]).view(b, s, -1)
+            return (gated, *output[1:])
+
+        def gate_ffn(module, args, output, i=i):
+            return output * ffn_gates[i]
+
+        hooks.append(layer.attention.self.register_forward_hook(gate_heads))
+        hooks.append(layer.intermediate.register_forward_hook(gate_ffn))
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the model as it will run
+    try:
+        for batch in loader:
+            batch.pop("idx", None)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            grads = torch.autograd.grad(loss, head_gates + ffn_gates)
+            for i, g in enumerate(grads[:len(head_gates)]):
+                head_scores[i] += g.detach().abs().cpu()
+            for i, g in enumerate(grads[len(head_gates):]):
+                ffn_scores[i] += g.detach().abs().cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    normalise = lambda s: s / (s.norm() + 1e-12)  # noqa: E731  per-layer L2 (Michel et al.)
+    return [normalise(s) for s in head_scores], [normalise(s) for s in ffn_scores]
+
+
+def select_units(scores: list[torch.Tensor], fraction: float, per_layer: bool, what: str) -> list[list[int]]:
+    """Positions to remove in each layer: the lowest-scoring `fraction`, per layer or globally.
+
+    A layer always keeps one unit: a target that would empty a layer is an error, not a silent change."""
+    if not 0.0 <= fraction < 1.0:
+        raise BertforgeError(f"--{what} must be a fraction in [0, 1): {fraction} would remove every {what[:-1] if what.endswith('s') else what} unit")
+    sizes = [len(s) for s in scores]
+    if per_layer:
+        remove = []
+        for i, s in enumerate(scores):
+            n = round(fraction * len(s))
+            if n >= len(s):
+                raise BertforgeError(f"pruning {fraction:.0%} of the {what} would remove all {len(s)} of layer {i}")
+            remove.append(sorted(torch.argsort(s)[:n].tolist()))
+        return remove
+    n = round(fraction * sum(sizes))
+    if n > sum(sizes) - len(sizes):
+        raise BertforgeError(f"pruning {fraction:.0%} of the {what} globally would leave a layer with none")
+    ranked = sorted(((float(v), i, j) for i, s in enumerate(scores) for j, v in enumerate(s)))
+    remove, left = [[] for _ in sizes], list(sizes)
+    for _, i, j in ranked:
+        if n == 0:
+            break
+        if left[i] > 1:
+            remove[i].append(j)
+            left[i] -= 1
+            n -= 1
+    return [sorted(r) for r in remove]
+
+
+# -- surgery -------------------------------------------------------------------------------------
+
+def prune_structured(model, heads_to_remove: list[list[int]], neurons_to_remove: list[list[int]]) -> None:
+    """Cut heads and FFN neurons (positions in the current layers) out of the weights, in place."""
+    layers = _layers(model)
+    already = {int(k): set(v) for k, v in (model.config.pruned_heads or {}).items()}
+    to_prune = {}
+    for i, positions in enumerate(heads_to_remove):
+        if not positions:
+            continue
+        if len(positions) >= layers[i].attention.self.num_attention_heads:
+            raise BertforgeError(f"cannot remove every attention head of layer {i}")
+        # prune_heads takes the original head ids: map current positions past already-pruned heads
+        remaining = [h for h in range(model.config.num_attention_heads) if h not in already.get(i, set())]
+        to_prune[i] = [remaining[p] for p in positions]
+    if to_prune:
+        model.prune_heads(to_prune)
+    for i, positions in enumerate(neurons_to_remove):
+        if not positions:
+            continue
+        layer = layers[i]
+        size = layer.intermediate.dense.out_features
+        if len(positions) >= size:
+            raise BertforgeError(f"cannot remove every FFN neuron of layer {i}")
+        keep = torch.tensor(sorted(set(range(size)) - set(positions)), dtype=torch.long)
+        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep, dim=0)
+        layer.output.dense = prune_linear_layer(layer.output.dense, keep, dim=1)
+    _record_ffn_sizes(model)
+
+
+def _record_ffn_sizes(model) -> None:
+    sizes = ffn_sizes(model)
+    config = model.config
+    if len(set(sizes)) == 1:  # plain BertConfig can describe it
+        config.intermediate_size = sizes[0]
+        for key in ("intermediate_sizes", "auto_map"):
+            if hasattr(config, key):
+                delattr(config, key)
+    else:
+        config.intermediate_sizes = sizes
+        config.auto_map = dict(AUTO_MAP)
+
+
+def prune_unstructured(model, sparsity: float) -> dict:
+    """Zero the smallest-magnitude weights of every encoder Linear (globally ranked)."""
+    from torch.nn.utils import prune as tprune
+
+    if not 0.0 <= sparsity < 1.0:
+        raise BertforgeError(f"--unstructured must be a fraction in [0, 1), got {sparsity}")
+    targets = [(m, "weight") for m in _layers(model).modules() if isinstance(m, torch.nn.Linear)]
+    tprune.global_unstructured(targets, pruning_method=tprune.L1Unstructured, amount=sparsity)
+    for m, name in targets:
+        tprune.remove(m, name)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
+    total = sum(m.weight.numel() for m, _ in targets)
+    return {"encoder_linear_sparsity": round(zeros / total, 4)}
+
+
+def fractions_for_budget(model, target_params: int) -> float:
+    """The fraction f of heads and of FFN neurons to remove (the same f) so that the model fits in
+    `target_params` parameters (bisection on the analytic count)."""
+    total = count_parameters(model)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_head = 4 * cfg.hidden_size * head_dim + 3 * head_dim  # q, k, v rows + biases, output columns
+    per_neuron = 2 * cfg.hidden_size + 1
+    removable = sum(head_counts(model)) * per_head + sum(ffn_sizes(model)) * per_neuron
+    if target_params >= total:
+        return 0.0
+    if total - target_params > 0.95 * removable:
+        raise BertforgeError(f"a budget of {target_params:,} parameters cannot be met by pruning heads and FFN "
+                             f"neurons (the model has {total:,}, of which {total - removable:,} are not prunable)")
+    return (total - target_params) / removable
+
+
+# -- the recipe ----------------------------------------------------------------------------------
+
+def _eval_metrics(model, tokenizer, task, dev, max_length, batch_size) -> dict:
+    model.eval()
+    return evaluate("in-memory", task.name, runtime=TorchClassifier.from_model(model, tokenizer), examples=dev,
+                    max_length=max_length, batch_size=batch_size, progress=False).metrics
+
+
+def prune(cfg: PruneConfig, progress: bool = True) -> Manifest:
+    start = time.perf_counter()
+    task = get_task(cfg.task)
+    if not (cfg.heads or cfg.ffn or cfg.target_params or cfg.unstructured):
+        raise BertforgeError("nothing to prune: give --heads, --ffn, --target-params or --unstructured")
+    if read_manifest(cfg.model) and read_manifest(cfg.model).format != "pytorch":
+        raise BertforgeError(f"{cfg.model} is an ONNX artifact: prune the PyTorch model, then export")
+    max_length = cfg.max_length or task.default_max_length
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model)
+    if model.config.num_labels != task.num_labels:
+        raise BertforgeError(f"label-count mismatch: {cfg.model} has {model.config.num_labels} labels, task {task.name} has {task.num_labels}")
+    before = {"params": count_parameters(model), "heads": head_counts(model), "ffn": ffn_sizes(model)}
+    teacher = copy.deepcopy(model).eval() if cfg.recover_epochs else None
+    out = prepare_output_dir(cfg.out)
+    train = load_glue(task.name, "train", cfg.glue_dir)
+    dev = load_glue(task.name, dev_split(task), cfg.glue_dir)
+    params: dict = {**_run_config(cfg), "max_length": max_length, "before": before}
+
+    heads_frac, ffn_frac = cfg.heads, cfg.ffn
+    if cfg.target_params:
+        heads_frac = ffn_frac = fractions_for_budget(model, cfg.target_params)
+        params["budget_fraction"] = round(heads_frac, 4)
+    if heads_frac or ffn_frac:
+        gen = torch.Generator().manual_seed(cfg.loop.seed)
+        picked = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.importance_examples].tolist()]
+        data = EncodedDataset(picked, tokenizer, max_length)
+        head_scores, ffn_scores = unit_importance(model, eval_loader(data, Collator(tokenizer, task.is_regression),
+                                                                       cfg.importance_batch_size))
+        heads_out = select_units(head_scores, heads_frac, cfg.per_layer, "heads")
+        ffn_out = select_units(ffn_scores, ffn_frac, cfg.per_layer, "ffn")
+        prune_structured(model, heads_out, ffn_out)
+        params["removed_heads"] = {i: h for i, h in enumerate(heads_out) if h}
+        params["removed_neurons_per_layer"] = [len(r) for r in ffn_out]
+    if cfg.unstructured:
+        params.update(prune_unstructured(model, cfg.unstructured))
+    params["after"] = {"params": count_parameters(model), "heads": head_counts(model), "ffn": ffn_sizes(model)}
+
+    metrics = {"dev_before_recovery": _eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size)}
+    if cfg.recover_epochs:
+        metrics.update(_recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, progress))
+    else:
+        metrics["dev"] = metrics["dev_before_recovery"]
+        _save(model, tokenizer, out)
+    if cfg.unstructured:
+        params["gzip_bytes"] = _gzip_size(out / "model.safetensors")
+        parent_weights = Path(resolve_model(cfg.model)) / "model.safetensors"
+        if parent_weights.is_file():
+            params["parent_gzip_bytes"] = _gzip_size(parent_weights)
+        params["note"] = "unstructured sparsity shrinks only the compressed file; dense runtimes run no faster"
+    manifest = write_manifest(out, Manifest(
+        stage="prune", task=task.name, parent=str(cfg.model), params=params, seed=cfg.loop.seed,
+        metrics=metrics, num_parameters=count_parameters(model), wall_s=round(time.perf_counter() - start, 1),
+    ))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return manifest
+
+
+def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, progress) -> dict:
+    """Prediction-layer distillation from the unpruned model (soft cross-entropy to its logits)."""
+    try:
+        from pipeline.distill.losses import prediction_loss
+    except ImportError:  # the distill stage is optional for pruning
+        prediction_loss = _soft_cross_entropy
+    train = train[:cfg.max_train_examples] if cfg.max_train_examples else train
+    dataset = EncodedDataset(train, tokenizer, max_length)
+    loop_cfg = LoopConfig(**{**asdict(cfg.loop), "epochs": cfg.recover_epochs})
+
+    def loss_fn(batch):
+        batch.pop("idx")
+        batch.pop("labels", None)
+        with torch.no_grad():
+            t = teacher(**batch).logits
+        return {"loss": prediction_loss(model(**batch).logits, t, cfg.temperature)}
+
+    def evaluate_fn():
+        evaluate_fn.metrics = _eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size)
+        return evaluate_fn.metrics["score"]
+
+    def save_best(score):
+        _save(model, tokenizer, out)
+        save_best.metrics = dict(evaluate_fn.metrics)
+
+    teacher.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    loop = TrainLoop(loop_cfg, model, dataset, Collator(tokenizer, task.is_regression), loss_fn, out, evaluate_fn,
+                     save_best, desc=f"prune-recover {task.name}", run_config=_run_config(cfg), progress=progress)
+    loop.run()
+    return {"dev": save_best.metrics}
+
+
+def _soft_cross_entropy(student_logits, teacher_logits, temperature=1.0):
+    if student_logits.shape[-1] == 1:
+        return torch.nn.functional.mse_loss(student_logits.view(-1), teacher_logits.view(-1))
+    t = torch.softmax(teacher_logits / temperature, dim=-1)
+    return -(t * torch.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
+
+
+def _save(model, tokenizer, out: Path) -> None:
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if getattr(model.config, "auto_map", None):
+        shutil.copy(MODELING_FILE, out / MODELING_FILE.name)
+    else:
+        (out / MODELING_FILE.name).unlink(missing_ok=True)
+
+
+def _gzip_size(path: Path) -> int:
+    return len(gzip.compress(path.read_bytes(), compresslevel=6))
+
+
+def _run_config(cfg: PruneConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("eval_batch_size")
+    return d
