@@ -1,0 +1,650 @@
+"""The comparison report of a `bertforge bench` result: report.md, one self-contained report.html (plots
+inline as SVG) and report.json (every ratio against the BERT-base baseline, the scores, the tables).
+
+Ratios are "times better": baseline latency / artifact latency, baseline size / artifact size,
+artifact throughput / baseline throughput. All come from one bench run, measured side by side.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BertforgeError
+
+TEACHER_STAGES = ("finetune", "teacher")
+# The issue's aims for the final artifact: shown beside the headline numbers, met or not.
+AIMS = {"latency_b1_vs_bert_base_torch_fp32": 50.0, "latency_b1_vs_bert_base_ort_int8": 10.0,
+        "size_vs_bert_base_fp32": 25.0, "score_retained_vs_teacher": 0.97}
+COLORS = {"final": "#e4572e", "teacher": "#2e5eaa", "other": "#17a398", "baseline": "#8d99ae"}
+
+
+@dataclass
+class ReportConfig:
+    final: str | None = None  # artifact name; default: the bench's --final, else the last non-baseline
+    teacher: str | None = None  # artifact name or path; default: a finetune-stage artifact or the final's lineage
+    device: str | None = None  # device of the headline; default: cpu when measured
+    command: str | None = None  # the command that made the bench, quoted in the report
+
+
+# ---------------------------------------------------------------- numbers
+
+def _ratio(num, den):
+    return round(num / den, 2) if num and den else None
+
+
+def analyse(bench: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
+    """Everything the three outputs show: headline rows, ratios, teacher and final, tables."""
+    arts = bench["artifacts"]
+    by_name = {a["name"]: a for a in arts}
+    devices = bench.get("devices") or sorted({r["device"] for r in bench["results"]})
+    device = cfg.device or ("cpu" if "cpu" in devices else devices[0])
+    if device not in devices:
+        raise BertforgeError(f"device {device} was not measured (measured: {', '.join(devices)})")
+    seq = bench.get("reference_seq_len") or 128
+    rows = {(r["artifact"], r["device"], r["batch_size"], r["seq_len"]): r for r in bench["results"]}
+    batches = sorted({r["batch_size"] for r in bench["results"]})
+    b_lat, b_tp = batches[0], batches[-1]
+
+    base = {role: next((a for a in arts if a.get("baseline") == role), None) for role in ("torch_fp32", "ort_int8")}
+    final_name = cfg.final or bench.get("final") or next((a["name"] for a in reversed(arts) if not a.get("baseline")), None)
+    if final_name is not None and final_name not in by_name:
+        raise BertforgeError(f"--final {final_name} is not in the bench (artifacts: {', '.join(by_name)})")
+    final = by_name.get(final_name)
+    teacher = find_teacher(arts, final, cfg.teacher or bench.get("teacher"))
+
+    def lat(a):
+        r = a and rows.get((a["name"], device, b_lat, seq))
+        return r["p50_ms"] if r else None
+
+    def tp(a):
+        r = a and rows.get((a["name"], device, b_tp, seq))
+        return r["throughput_seq_s"] if r else None
+
+    def size(a):
+        return a and (a.get("model_bytes") or a.get("size_bytes"))
+
+    headline = []
+    for a in [a for a in arts if not a.get("baseline")] + [a for a in arts if a.get("baseline")]:
+        score = a.get("score")
+        tscore = teacher["score"] if teacher else None
+        headline.append({
+            "artifact": a["name"], "role": role_of(a, final, teacher), "stage": a.get("stage"),
+            "format": a["format"], "precision": a.get("precision"), "score": score,
+            "delta_vs_teacher": round(score - tscore, 4) if score is not None and tscore is not None else None,
+            "retained_vs_teacher": _ratio(score, tscore) if score is not None and tscore else None,
+            "size_mb": round(size(a) / 1e6, 2) if size(a) else None,
+            "smaller_vs_bert_base_fp32": _ratio(size(base["torch_fp32"]), size(a)),
+            "latency_b1_p50_ms": lat(a),
+            "faster_vs_bert_base_torch_fp32": _ratio(lat(base["torch_fp32"]), lat(a)),
+            "faster_vs_bert_base_ort_int8": _ratio(lat(base["ort_int8"]), lat(a)),
+            "throughput_seq_s": tp(a),
+            "throughput_vs_bert_base_torch_fp32": _ratio(tp(a), tp(base["torch_fp32"])),
+            "num_parameters": a.get("num_parameters"),
+            "baseline": a.get("baseline"), "shape_only": a.get("shape_only", False),
+        })
+    final_row = next((h for h in headline if final and h["artifact"] == final["name"]), {})
+    ratios = {
+        "latency_b1_vs_bert_base_torch_fp32": final_row.get("faster_vs_bert_base_torch_fp32"),
+        "latency_b1_vs_bert_base_ort_int8": final_row.get("faster_vs_bert_base_ort_int8"),
+        "size_vs_bert_base_fp32": final_row.get("smaller_vs_bert_base_fp32"),
+        "size_vs_bert_base_ort_int8": _ratio(size(base["ort_int8"]), size(final)),
+        "throughput_vs_bert_base_torch_fp32": final_row.get("throughput_vs_bert_base_torch_fp32"),
+        "throughput_vs_bert_base_ort_int8": _ratio(tp(final), tp(base["ort_int8"])),
+        "score_retained_vs_teacher": final_row.get("retained_vs_teacher"),
+    }
+    return {
+        "ratios": ratios,
+        "ratio_convention": "times better than the baseline: baseline/artifact for latency and size, artifact/baseline for throughput",
+        "final": final["name"] if final else None,
+        "final_score": final.get("score") if final else None,
+        "teacher": teacher["name"] if teacher else None,
+        "teacher_score": teacher["score"] if teacher else None,
+        "aims": {k: {"aim": v, "value": ratios.get(k), "met": ratios.get(k) is not None and ratios[k] >= v} for k, v in AIMS.items()},
+        "device": device, "devices": devices,
+        "reference": {"latency_batch_size": b_lat, "throughput_batch_size": b_tp, "seq_len": seq},
+        "baselines": {role: (a["name"] if a else None) for role, a in base.items()},
+        "baseline_shape_only": any(a and a.get("shape_only") for a in base.values()),
+        "headline": headline,
+        "latency_table": [{k: v for k, v in r.items() if k != "samples_ms"} for r in bench["results"]],
+        "artifacts": [{k: v for k, v in a.items()} for a in arts],
+        "skipped": bench.get("skipped", []),
+        "hardware": bench.get("hardware", {}), "versions": bench.get("versions", {}),
+        "threads": bench.get("threads", {}), "bench_config": bench.get("config", {}),
+        "bench_created": bench.get("created"), "command": cfg.command or bench.get("command"),
+    }
+
+
+def find_teacher(arts: list[dict], final: dict | None, wanted: str | None) -> dict | None:
+    """{"name", "score", "path"} of the teacher: named, else a benched teacher-stage artifact, else the
+    last teacher stage in the final artifact's lineage."""
+    if wanted:
+        for a in arts:
+            if wanted in (a["name"], a["path"]):
+                return {"name": a["name"], "score": a.get("score"), "path": a["path"]}
+        for entry in (final or {}).get("lineage", []):
+            if wanted == entry.get("path"):
+                return {"name": Path(entry["path"]).name, "score": entry.get("score"), "path": entry["path"]}
+        raise BertforgeError(f"--teacher {wanted} is neither a benched artifact nor in the final artifact's lineage")
+    for a in arts:
+        if a.get("stage") in TEACHER_STAGES and not a.get("baseline"):
+            return {"name": a["name"], "score": a.get("score"), "path": a["path"]}
+    for entry in reversed((final or {}).get("lineage", [])):
+        if entry.get("stage") in TEACHER_STAGES:
+            return {"name": Path(entry.get("path", "teacher")).name, "score": entry.get("score"), "path": entry.get("path")}
+    return None
+
+
+def role_of(a: dict, final: dict | None, teacher: dict | None) -> str:
+    if a.get("baseline"):
+        return "baseline"
+    if final and a["name"] == final["name"]:
+        return "final"
+    if teacher and a["name"] == teacher["name"]:
+        return "teacher"
+    return "other"
+
+
+# ---------------------------------------------------------------- plots (matplotlib, inline SVG)
+
+def _style():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({
+        "svg.fonttype": "none", "font.family": "sans-serif", "font.size": 9,
+        "font.sans-serif": ["Inter", "Helvetica Neue", "Arial", "DejaVu Sans"],
+        "axes.spines.top": False, "axes.spines.right": False, "axes.edgecolor": "#c9ced6",
+        "axes.labelcolor": "#39424e", "xtick.color": "#5b6572", "ytick.color": "#5b6572",
+        "axes.grid": True, "grid.color": "#eceff3", "grid.linewidth": 0.8, "axes.axisbelow": True,
+        "axes.titlesize": 10, "axes.titleweight": "bold", "axes.titlelocation": "left",
+        "svg.hashsalt": "bertforge",  # stable ids: the same bench gives the same file
+    })
+    return plt
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    fig.clf()
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _log_axis(axis) -> None:
+    """Log scale labelled 1, 2, 5, 10, 20 ... (plain numbers read faster than powers of ten)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _label(name: str, n: int = 26) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def plot_accuracy_latency(rep: dict, plt) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    rows = [h for h in rep["headline"] if h["latency_b1_p50_ms"]]
+    scored = [h for h in rows if h["score"] is not None]
+    for h in scored:
+        ax.scatter(h["latency_b1_p50_ms"], 100 * h["score"], s=70 if h["role"] == "final" else 46,
+                   color=COLORS[h["role"]], marker="D" if h["format"] == "onnx" else "o", zorder=3,
+                   edgecolor="white", linewidth=0.8)
+        ax.annotate(_label(h["artifact"], 22), (h["latency_b1_p50_ms"], 100 * h["score"]), xytext=(6, 4),
+                    textcoords="offset points", fontsize=8, color="#39424e")
+    ys = [100 * h["score"] for h in scored]
+    if rep["teacher_score"] is not None:
+        t = 100 * rep["teacher_score"]
+        ax.axhline(t, color=COLORS["teacher"], lw=0.8, ls=":")
+        ax.axhline(t * AIMS["score_retained_vs_teacher"], color=COLORS["teacher"], lw=0.6, ls="--", alpha=0.5)
+        ax.annotate(f"{AIMS['score_retained_vs_teacher']:.0%} of teacher", (0.01, t * AIMS["score_retained_vs_teacher"]),
+                    xycoords=("axes fraction", "data"), xytext=(0, 2), textcoords="offset points", fontsize=7, color="#5b6572")
+        ys += [t, t * AIMS["score_retained_vs_teacher"]]
+    for h in rows:
+        if h["baseline"]:
+            ax.axvline(h["latency_b1_p50_ms"], color=COLORS["baseline"], lw=1, ls="--")
+            ax.annotate(f"BERT-base {_pretty_baseline(h['baseline'])}", (h["latency_b1_p50_ms"], 0.98),
+                        xycoords=("data", "axes fraction"), rotation=90, ha="right", va="top", fontsize=7,
+                        color="#5b6572", xytext=(-3, 0), textcoords="offset points")
+    if not scored:
+        ax.text(0.5, 0.5, "no dev scores in the manifests", transform=ax.transAxes, ha="center", color="#5b6572")
+    elif ys:
+        lo, hi = min(ys), max(ys)
+        pad = max(1.0, 0.15 * (hi - lo))
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    ref = rep["reference"]
+    ax.set_xlabel(f"latency, batch {ref['latency_batch_size']}, seq {ref['seq_len']}, p50 (ms, log)  ← faster")
+    ax.set_ylabel("dev score")
+    ax.set_title("Accuracy against latency")
+    return _svg(fig)
+
+
+def plot_sizes(rep: dict, plt) -> str:
+    rows = [h for h in rep["headline"] if h["size_mb"]]
+    fig, ax = plt.subplots(figsize=(6.4, max(3.8, 0.42 * len(rows) + 1.0)))
+    names = [_label(h["artifact"]) for h in rows][::-1]
+    vals = [h["size_mb"] for h in rows][::-1]
+    ax.barh(names, vals, color=[COLORS[h["role"]] for h in rows][::-1], height=0.62)
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    ax.grid(axis="y", visible=False)
+    for y, h in enumerate(rows[::-1]):
+        note = f"{h['size_mb']:.1f} MB" if h["size_mb"] >= 1 else f"{h['size_mb']:.2f} MB"
+        if h["smaller_vs_bert_base_fp32"] and not h["baseline"]:
+            note += f"  ·  {h['smaller_vs_bert_base_fp32']:.1f}× smaller"
+        ax.annotate(note, (h["size_mb"], y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8, color="#39424e")
+    ax.set_xlim(min(vals) / 1.5, max(vals) * 8)
+    ax.set_xlabel("model weights on disk (MB, log)")
+    ax.set_title("Size")
+    return _svg(fig)
+
+
+def plot_latency_distribution(rep: dict, bench: dict, plt) -> str:
+    ref, device = rep["reference"], rep["device"]
+    samples = {r["artifact"]: r["samples_ms"] for r in bench["results"]
+               if r["device"] == device and r["batch_size"] == ref["latency_batch_size"] and r["seq_len"] == ref["seq_len"]}
+    rows = [h for h in rep["headline"] if samples.get(h["artifact"])]
+    fig, ax = plt.subplots(figsize=(6.4, max(3.8, 0.42 * len(rows) + 1.0)))
+    data = [samples[h["artifact"]] for h in rows][::-1]
+    box = ax.boxplot(data, vert=False, whis=(1, 99), showfliers=False, widths=0.55, patch_artist=True,
+                     medianprops={"color": "#1f2933", "linewidth": 1.2})
+    for patch, h in zip(box["boxes"], rows[::-1]):
+        patch.set_facecolor(COLORS[h["role"]])
+        patch.set_alpha(0.75)
+        patch.set_edgecolor(COLORS[h["role"]])
+    ax.set_yticks(range(1, len(rows) + 1), [_label(h["artifact"]) for h in rows][::-1])
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    ax.grid(axis="y", visible=False)
+    ax.set_xlabel(f"ms per call, batch {ref['latency_batch_size']}, seq {ref['seq_len']} (box: p25–p75, whiskers: p1–p99, log)")
+    ax.set_title(f"Latency distribution ({device})")
+    return _svg(fig)
+
+
+def plot_throughput(rep: dict, bench: dict, plt) -> str | None:
+    ref, device = rep["reference"], rep["device"]
+    batches = sorted({r["batch_size"] for r in bench["results"]})
+    if len(batches) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for h in rep["headline"]:
+        pts = sorted((r["batch_size"], r["throughput_seq_s"]) for r in bench["results"]
+                     if r["artifact"] == h["artifact"] and r["device"] == device and r["seq_len"] == ref["seq_len"])
+        if pts:
+            ax.plot(*zip(*pts), marker="D" if h["format"] == "onnx" else "o", ms=4, lw=1.6,
+                    color=COLORS[h["role"]], ls="--" if h["baseline"] else "-", label=_label(h["artifact"], 22))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    _log_axis(ax.yaxis)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("sequences / s (log)")
+    ax.set_title(f"Throughput, seq {ref['seq_len']} ({device})")
+    ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    return _svg(fig)
+
+
+def make_plots(rep: dict, bench: dict) -> dict[str, str]:
+    plt = _style()
+    plots = {"accuracy_latency": plot_accuracy_latency(rep, plt), "size": plot_sizes(rep, plt),
+             "latency_distribution": plot_latency_distribution(rep, bench, plt)}
+    tp = plot_throughput(rep, bench, plt)
+    if tp:
+        plots["throughput"] = tp
+    plt.close("all")
+    return plots
+
+
+# ---------------------------------------------------------------- formatting
+
+def _pretty_baseline(role: str) -> str:
+    return {"torch_fp32": "PyTorch fp32", "ort_int8": "ORT int8"}.get(role, role)
+
+
+def fmt_ms(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def fmt_x(v) -> str:
+    return "—" if v is None else f"{v:.1f}×" if v < 100 else f"{v:.0f}×"
+
+
+def fmt_score(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def fmt_delta(v) -> str:
+    return "—" if v is None else f"{100 * v:+.2f}"
+
+
+def fmt_num(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v / 1e3:.0f}k" if v >= 1e3 else str(v)
+
+
+def fmt_tp(v) -> str:
+    return "—" if v is None else f"{v:,.0f}" if v >= 10 else f"{v:.2f}"
+
+
+HEADLINE_COLUMNS = [
+    ("artifact", "Artifact", str), ("format", "Format", str), ("precision", "Precision", str),
+    ("score", "Dev score", fmt_score), ("delta_vs_teacher", "Δ vs teacher", fmt_delta),
+    ("size_mb", "Size MB", lambda v: "—" if v is None else f"{v:.1f}" if v >= 1 else f"{v:.2f}"),
+    ("smaller_vs_bert_base_fp32", "× smaller", fmt_x),
+    ("latency_b1_p50_ms", "Latency p50 ms", fmt_ms),
+    ("faster_vs_bert_base_torch_fp32", "× faster vs PyTorch fp32", fmt_x),
+    ("faster_vs_bert_base_ort_int8", "× faster vs ORT int8", fmt_x),
+    ("throughput_seq_s", "Throughput seq/s", fmt_tp),
+]
+
+
+def _lineage_chain(a: dict) -> list[dict]:
+    chain = [{"stage": e.get("stage"), "name": Path(str(e.get("path", ""))).name or e.get("path"), "score": e.get("score"),
+              "format": e.get("format"), "precision": e.get("precision")} for e in a.get("lineage", [])]
+    chain.append({"stage": a.get("stage") or "artifact", "name": a["name"], "score": a.get("score"),
+                  "format": a["format"], "precision": a.get("precision")})
+    return chain
+
+
+# ---------------------------------------------------------------- Markdown
+
+def render_markdown(rep: dict) -> str:
+    r, ref = rep["ratios"], rep["reference"]
+    hw = rep["hardware"]
+    out = ["# bertforge report", ""]
+    out.append(f"Device **{rep['device']}** · {hw.get('cpu_model', '?')} ({', '.join(hw.get('cpu_flags', [])) or 'no flags read'})"
+               f"{' · GPU ' + ', '.join(hw['gpus']) if hw.get('gpus') else ''} · {rep['threads'].get('intra_op', '?')} threads · "
+               f"bench {rep.get('bench_created') or '?'}")
+    out.append("")
+    if rep.get("command"):
+        out += ["Made with:", "", "```", rep["command"], "```", ""]
+    if rep["final"]:
+        out.append(f"**Final artifact `{rep['final']}`** against the BERT-base baseline, batch {ref['latency_batch_size']}, "
+                   f"sequence {ref['seq_len']}, measured side by side:")
+        out.append("")
+        out.append(f"- {fmt_x(r['latency_b1_vs_bert_base_torch_fp32'])} lower latency than BERT-base PyTorch fp32")
+        out.append(f"- {fmt_x(r['latency_b1_vs_bert_base_ort_int8'])} lower latency than BERT-base ONNX Runtime int8")
+        out.append(f"- {fmt_x(r['size_vs_bert_base_fp32'])} smaller than BERT-base fp32")
+        if rep["final_score"] is not None:
+            keep = r["score_retained_vs_teacher"]
+            out.append(f"- dev score {fmt_score(rep['final_score'])}"
+                       + (f" vs teacher `{rep['teacher']}` {fmt_score(rep['teacher_score'])} ({100 * keep:.1f}% kept)" if keep else ""))
+        out.append("")
+    if rep["baseline_shape_only"]:
+        out += ["> The BERT-base baseline is a randomly initialised model of BERT-base's shape (bert-base-uncased "
+                "could not be loaded here): same cost, used for speed and size only, never for accuracy.", ""]
+    out += ["## Headline", ""]
+    out.append("| " + " | ".join(c[1] for c in HEADLINE_COLUMNS) + " |")
+    out.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(HEADLINE_COLUMNS))) + "|")
+    for h in rep["headline"]:
+        cells = [fn(h[key]) if h[key] is not None or fn is not str else "—" for key, _, fn in HEADLINE_COLUMNS]
+        if h["role"] == "final":
+            cells[0] = f"**{cells[0]}** (final)"
+        elif h["role"] == "teacher":
+            cells[0] += " (teacher)"
+        elif h["baseline"]:
+            cells[0] += " (baseline" + (", shape only" if h["shape_only"] else "") + ")"
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", f"Latency: p50 at batch {ref['latency_batch_size']}, sequence {ref['seq_len']}; throughput at batch "
+            f"{ref['throughput_batch_size']}; size: model weight files. Scores ×100; Δ in points.", ""]
+    out += ["## Latency and throughput, every grid point", "",
+            "| Artifact | Device | Provider | Batch | Seq | Iters | p50 ms | p90 ms | p99 ms | mean ms | seq/s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rep["latency_table"]:
+        out.append(f"| {row['artifact']} | {row['device']} | {row['provider']} | {row['batch_size']} | {row['seq_len']} | "
+                   f"{row['iters']} | {fmt_ms(row['p50_ms'])} | {fmt_ms(row['p90_ms'])} | {fmt_ms(row['p99_ms'])} | "
+                   f"{fmt_ms(row['mean_ms'])} | {fmt_tp(row['throughput_seq_s'])} |")
+    out += ["", "## Artifacts", "", "| Artifact | Stage | Parameters | Weights MB | Folder MB | Cold start s | Peak RSS Δ MB |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for a in rep["artifacts"]:
+        cs = (a.get("cold_start") or {}).get(rep["device"], {})
+        out.append(f"| {a['name']} | {a.get('stage') or '—'} | {fmt_num(a.get('num_parameters'))} | "
+                   f"{(a.get('model_bytes') or 0) / 1e6:.1f} | {a['size_bytes'] / 1e6:.1f} | "
+                   f"{cs.get('total_s', '—')} | {cs.get('peak_rss_delta_mb', '—')} |")
+    out += ["", "## Lineage", ""]
+    for a in rep["artifacts"]:
+        steps = " → ".join(f"{c['stage']}" + (f" `{c['name']}`" if c["name"] else "")
+                           + (f" ({fmt_score(c['score'])})" if c.get("score") is not None else "") for c in _lineage_chain(a))
+        out.append(f"- **{a['name']}**: {steps}")
+    out += ["", "## Hardware and versions", ""]
+    for k, v in hw.items():
+        out.append(f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+    out.append(f"- threads: {json.dumps(rep['threads'])}")
+    out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()))
+    cfg = rep["bench_config"]
+    out += ["", f"Method: artifacts take turns in {cfg.get('slice_seconds', '?')} s slices per grid point (round robin) "
+            f"after {cfg.get('warmup', '?')} warm-up calls, until each has {cfg.get('min_iters', '?')} iterations and "
+            f"{cfg.get('min_seconds', '?')} s; full-length random token sequences, no padding.", ""]
+    if rep["skipped"]:
+        out += ["Skipped: " + "; ".join(f"{s['artifact']} ({s['reason']})" for s in rep["skipped"]), ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- HTML
+
+CSS = """
+:root { --ink:#1f2933; --muted:#5b6572; --line:#e3e7ed; --bg:#f6f7f9; --card:#fff; --accent:#e4572e;
+        --teacher:#2e5eaa; --ok:#1a7f4b; --no:#b23a2b; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--ink); font: 14px/1.5 Inter, "Helvetica Neue", Arial, "DejaVu Sans", sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 32px 28px 48px; }
+header h1 { font-size: 26px; margin: 0 0 4px; letter-spacing: -0.01em; }
+header h1 span { color: var(--accent); }
+header p { margin: 0; color: var(--muted); }
+h2 { font-size: 16px; margin: 34px 0 12px; }
+.kpis { display: grid; grid-template-columns: repeat(4, 1fr); gap: 14px; margin-top: 22px; }
+.kpi { background: var(--card); border: 1px solid var(--line); border-radius: 12px; padding: 16px 18px; }
+.kpi .v { font-size: 30px; font-weight: 700; letter-spacing: -0.02em; }
+.kpi .l { color: var(--muted); font-size: 12.5px; }
+.kpi .aim { font-size: 12px; margin-top: 6px; }
+.met { color: var(--ok); } .unmet { color: var(--no); }
+.banner { margin-top: 18px; padding: 10px 14px; border-radius: 10px; background: #fff7e6; border: 1px solid #f3d9a4; font-size: 13px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 12px; padding: 14px 16px; overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; font-variant-numeric: tabular-nums; }
+th { text-align: right; font-weight: 600; color: var(--muted); font-size: 11px; text-transform: uppercase;
+     letter-spacing: .03em; padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: bottom; }
+td { text-align: right; padding: 7px 8px; border-bottom: 1px solid #f0f2f5; white-space: nowrap; }
+th:first-child, td:first-child, th.l, td.l { text-align: left; }
+tr.final td { background: #fff1ec; font-weight: 600; }
+tr.baseline td { color: var(--muted); }
+.tag { display: inline-block; font-size: 10.5px; font-weight: 600; padding: 1px 7px; border-radius: 999px; margin-left: 6px;
+       vertical-align: 1px; background: #eef1f5; color: var(--muted); }
+.tag.final { background: var(--accent); color: #fff; } .tag.teacher { background: var(--teacher); color: #fff; }
+.plots { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
+figure { margin: 0; background: var(--card); border: 1px solid var(--line); border-radius: 12px; padding: 12px; }
+figure svg { width: 100%; height: auto; display: block; }
+figcaption { color: var(--muted); font-size: 12px; margin-top: 6px; }
+.chain { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; margin: 6px 0 12px; }
+.chain .n { font-weight: 600; min-width: 150px; }
+.step { border: 1px solid var(--line); border-radius: 8px; padding: 3px 9px; background: #fafbfc; font-size: 12.5px; }
+.step b { font-weight: 600; } .step small { color: var(--muted); }
+.arrow { color: #aab2bd; }
+dl { display: grid; grid-template-columns: 180px 1fr; gap: 4px 14px; margin: 0; font-size: 13px; }
+dt { color: var(--muted); } dd { margin: 0; }
+details summary { cursor: pointer; color: var(--muted); margin: 8px 0; }
+footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
+code, pre { font-family: "JetBrains Mono", Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: 12px; }
+pre { background: #1f2933; color: #e8edf3; padding: 12px 14px; border-radius: 10px; overflow-x: auto; }
+@media (max-width: 900px) { .kpis { grid-template-columns: 1fr 1fr; } .plots { grid-template-columns: 1fr; } }
+"""
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>bertforge report{% if rep.final %}: {{ rep.final }}{% endif %}</title><style>{{ css|safe }}</style></head>
+<body><main>
+<header>
+  <h1>bert<span>forge</span> report</h1>
+  <p>{{ hw.cpu_model or "CPU" }}{% if hw.cpu_flags %} ({{ hw.cpu_flags|join(", ") }}){% endif %}
+     {%- if hw.gpus %} · GPU {{ hw.gpus|join(", ") }}{% endif %} · {{ rep.threads.intra_op }} thread{{ "s" if rep.threads.intra_op != 1 }} · device {{ rep.device }}
+     · batch {{ ref.latency_batch_size }}, sequence {{ ref.seq_len }} · {{ rep.bench_created or "" }}</p>
+</header>
+{% if rep.final %}
+<section class="kpis">
+{% for k in kpis %}
+  <div class="kpi"><div class="v">{{ k.value }}</div><div class="l">{{ k.label }}</div>
+  {% if k.aim %}<div class="aim {{ 'met' if k.met else 'unmet' }}">{{ '✓' if k.met else '✗' }} aim {{ k.aim }}</div>{% endif %}</div>
+{% endfor %}
+</section>
+{% endif %}
+{% if rep.baseline_shape_only %}
+<div class="banner"><b>Shape-only baseline.</b> bert-base-uncased could not be loaded here, so the BERT-base rows are a randomly
+initialised model of exactly BERT-base's shape (12 layers, hidden 768, 12 heads, FFN 3072): the same cost to run and store.
+They are used for speed and size only, never for accuracy.</div>
+{% endif %}
+
+<h2>Headline</h2>
+<div class="card"><table>
+<thead><tr>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in headline %}<tr class="{{ row.role }}">
+  <td>{{ row.cells[0] }}{% if row.tag %}<span class="tag {{ row.role }}">{{ row.tag }}</span>{% endif %}</td>
+  {% for c in row.cells[1:] %}<td>{{ c }}</td>{% endfor %}</tr>
+{% endfor %}
+</tbody></table>
+<p style="color:var(--muted);font-size:12px;margin:8px 0 0">Latency: p50 at batch {{ ref.latency_batch_size }}, sequence
+{{ ref.seq_len }} on {{ rep.device }}; throughput at batch {{ ref.throughput_batch_size }}. Size: model weight files.
+Dev scores ×100, Δ in points. × = times better than the BERT-base baseline, measured side by side in one run.</p></div>
+
+<h2>Plots</h2>
+<div class="plots">
+{% for p in plots %}<figure id="plot-{{ p.id }}">{{ p.svg|safe }}<figcaption>{{ p.caption }}</figcaption></figure>
+{% endfor %}
+</div>
+
+<h2>Every grid point</h2>
+<div class="card"><table>
+<thead><tr><th>Artifact</th><th class="l">Device</th><th class="l">Provider</th><th>Batch</th><th>Seq</th><th>Iters</th>
+<th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>Mean ms</th><th>Seq/s</th></tr></thead><tbody>
+{% for r in grid %}<tr><td>{{ r.artifact }}</td><td class="l">{{ r.device }}</td><td class="l">{{ r.provider }}</td>
+<td>{{ r.batch_size }}</td><td>{{ r.seq_len }}</td><td>{{ r.iters }}</td><td>{{ r.p50 }}</td><td>{{ r.p90 }}</td>
+<td>{{ r.p99 }}</td><td>{{ r.mean }}</td><td>{{ r.tp }}</td></tr>
+{% endfor %}</tbody></table></div>
+
+<h2>Artifacts</h2>
+<div class="card"><table>
+<thead><tr><th>Artifact</th><th class="l">Stage</th><th>Parameters</th><th>Weights MB</th><th>Folder MB</th>
+<th>Load s</th><th>First call s</th><th>Peak RSS Δ MB</th></tr></thead><tbody>
+{% for a in arts %}<tr><td>{{ a.name }}</td><td class="l">{{ a.stage }}</td><td>{{ a.params }}</td><td>{{ a.weights }}</td>
+<td>{{ a.folder }}</td><td>{{ a.load }}</td><td>{{ a.first }}</td><td>{{ a.rss }}</td></tr>
+{% endfor %}</tbody></table>
+<p style="color:var(--muted);font-size:12px;margin:8px 0 0">Cold start measured {{ cold_method }}: load, then the first call at
+batch 1; peak RSS Δ is the rise of the process's resident memory over it.</p></div>
+
+<h2>Lineage</h2>
+<div class="card">
+{% for a in lineage %}<div class="chain"><span class="n">{{ a.name }}</span>
+{% for s in a.chain %}{% if not loop.first %}<span class="arrow">→</span>{% endif %}<span class="step"><b>{{ s.stage }}</b>
+{% if s.name %} <small>{{ s.name }}</small>{% endif %}{% if s.score is not none %} · {{ "%.2f"|format(100 * s.score) }}{% endif %}
+{% if s.precision and s.format %} <small>{{ s.format }} {{ s.precision }}</small>{% endif %}</span>{% endfor %}</div>
+{% endfor %}</div>
+
+<h2>Hardware, threads and versions</h2>
+<div class="card"><dl>
+{% for k, v in hw_items %}<dt>{{ k }}</dt><dd>{{ v }}</dd>{% endfor %}
+<dt>threads</dt><dd>{{ threads }}</dd>
+<dt>method</dt><dd>{{ method }}</dd>
+{% for k, v in rep.versions.items() %}<dt>{{ k }}</dt><dd>{{ v }}</dd>{% endfor %}
+</dl>
+{% if rep.skipped %}<details><summary>{{ rep.skipped|length }} skipped measurement(s)</summary><ul>
+{% for s in rep.skipped %}<li>{{ s.artifact }} on {{ s.device }}{% if s.seq_len %} (b{{ s.batch_size }} s{{ s.seq_len }}){% endif %}: {{ s.reason }}</li>{% endfor %}
+</ul></details>{% endif %}
+</div>
+{% if rep.command %}<h2>Command</h2><pre>{{ rep.command }}</pre>{% endif %}
+<footer>bertforge · report.json holds every number on this page.</footer>
+</main></body></html>
+"""
+
+
+def render_html(rep: dict, plots: dict[str, str]) -> str:
+    import jinja2
+
+    r, ref, hw = rep["ratios"], rep["reference"], rep["hardware"]
+    aims = rep["aims"]
+    kpis = [
+        {"value": fmt_x(r["latency_b1_vs_bert_base_torch_fp32"]), "label": "lower latency than BERT-base PyTorch fp32",
+         "aim": f"≥ {AIMS['latency_b1_vs_bert_base_torch_fp32']:.0f}×", "met": aims["latency_b1_vs_bert_base_torch_fp32"]["met"]},
+        {"value": fmt_x(r["latency_b1_vs_bert_base_ort_int8"]), "label": "lower latency than BERT-base ONNX Runtime int8",
+         "aim": f"≥ {AIMS['latency_b1_vs_bert_base_ort_int8']:.0f}×", "met": aims["latency_b1_vs_bert_base_ort_int8"]["met"]},
+        {"value": fmt_x(r["size_vs_bert_base_fp32"]), "label": "smaller on disk than BERT-base fp32",
+         "aim": f"≥ {AIMS['size_vs_bert_base_fp32']:.0f}×", "met": aims["size_vs_bert_base_fp32"]["met"]},
+    ]
+    keep = r["score_retained_vs_teacher"]
+    kpis.append({"value": f"{100 * keep:.1f}%" if keep else fmt_score(rep["final_score"]),
+                 "label": (f"of the teacher's dev score ({fmt_score(rep['final_score'])} vs {fmt_score(rep['teacher_score'])})"
+                           if keep else "dev score of the final artifact"),
+                 "aim": f"≥ {AIMS['score_retained_vs_teacher']:.0%}" if keep else None,
+                 "met": aims["score_retained_vs_teacher"]["met"]})
+    headline = []
+    for h in rep["headline"]:
+        cells = [fn(h[key]) if h[key] is not None else "—" for key, _, fn in HEADLINE_COLUMNS]
+        tag = {"final": "final", "teacher": "teacher"}.get(h["role"])
+        if h["baseline"]:
+            tag = "baseline · shape only" if h["shape_only"] else "baseline"
+        headline.append({"role": h["role"], "cells": cells, "tag": tag})
+    grid = [{**row, "p50": fmt_ms(row["p50_ms"]), "p90": fmt_ms(row["p90_ms"]), "p99": fmt_ms(row["p99_ms"]),
+             "mean": fmt_ms(row["mean_ms"]), "tp": fmt_tp(row["throughput_seq_s"])} for row in rep["latency_table"]]
+    arts, methods = [], set()
+    for a in rep["artifacts"]:
+        cs = (a.get("cold_start") or {}).get(rep["device"], {})
+        methods.add(cs.get("method", "?"))
+        arts.append({"name": a["name"], "stage": a.get("stage") or "—", "params": fmt_num(a.get("num_parameters")),
+                     "weights": f"{(a.get('model_bytes') or 0) / 1e6:.1f}", "folder": f"{a['size_bytes'] / 1e6:.1f}",
+                     "load": cs.get("load_s", "—"), "first": cs.get("first_inference_s", "—"), "rss": cs.get("peak_rss_delta_mb", "—")})
+    captions = {
+        "accuracy_latency": "Dev score against batch-1 latency; dashed lines: the BERT-base baselines (no score: speed only). "
+                            "Diamonds: ONNX Runtime, circles: PyTorch.",
+        "size": "Model weight files on disk; × smaller against BERT-base fp32.",
+        "latency_distribution": "Every measured call, interleaved with the other artifacts.",
+        "throughput": "Sequences per second against batch size; dashed: baselines.",
+    }
+    cfg = rep["bench_config"]
+    method = (f"artifacts take turns in {cfg.get('slice_seconds')} s slices (round robin) after {cfg.get('warmup')} warm-up calls, "
+              f"until each has ≥ {cfg.get('min_iters')} calls and ≥ {cfg.get('min_seconds')} s per grid point; "
+              "full-length random token sequences, no padding")
+    hw_items = [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in hw.items()]
+    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(TEMPLATE).render(
+        rep=rep, ref=ref, hw=hw, css=CSS, kpis=kpis, columns=[c[1] for c in HEADLINE_COLUMNS], headline=headline,
+        plots=[{"id": k, "svg": v, "caption": captions[k]} for k, v in plots.items()], grid=grid, arts=arts,
+        cold_method=" and ".join(sorted(methods)).replace("subprocess", "in a fresh process").replace("inprocess", "in the bench process"),
+        lineage=[{"name": a["name"], "chain": _lineage_chain(a)} for a in rep["artifacts"]],
+        hw_items=hw_items, threads=json.dumps(rep["threads"]), method=method)
+
+
+def build_report(bench: dict[str, Any], out_dir: str | Path, cfg: ReportConfig | None = None) -> dict[str, Any]:
+    """Write report.md, report.html and report.json into `out_dir`; return the report.json content."""
+    cfg = cfg or ReportConfig()
+    if not bench.get("results"):
+        raise BertforgeError("the bench holds no measurements")
+    rep = analyse(bench, cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(rep, bench)
+    (out / "report.md").write_text(render_markdown(rep) + "\n")
+    (out / "report.html").write_text(render_html(rep, plots))
+    (out / "report.json").write_text(json.dumps(_finite(rep), indent=1) + "\n")
+    return rep
+
+
+def _finite(obj):
+    """JSON has no NaN: a failed metric (e.g. a constant prediction's correlation) becomes null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
