@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -117,6 +118,8 @@ def optimize_graph(src: Path, dst: Path, gpu: bool = False) -> dict:
     """onnxruntime's BERT fusions (sizes read from the graph); fp16 weights for the GPU variant."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    # with num_heads=0 it warns for every pruned layer that the sizes differ from the config: expected
+    logging.getLogger("onnxruntime.transformers.fusion_attention").setLevel(logging.ERROR)
     try:
         opt = optimize_model(str(src), "bert", num_heads=0, hidden_size=0, use_gpu=gpu)
     except Exception as e:

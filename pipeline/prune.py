@@ -242,7 +242,7 @@ def _eval_metrics(model, tokenizer, task, dev, max_length, batch_size) -> dict:
                     max_length=max_length, batch_size=batch_size, progress=False).metrics
 
 
-def prune(cfg: PruneConfig, progress: bool = True) -> Manifest:
+def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Manifest:
     start = time.perf_counter()
     task = get_task(cfg.task)
     if not (cfg.heads or cfg.ffn or cfg.target_params or cfg.unstructured):
@@ -282,7 +282,7 @@ def prune(cfg: PruneConfig, progress: bool = True) -> Manifest:
 
     metrics = {"dev_before_recovery": _eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size)}
     if cfg.recover_epochs:
-        metrics.update(_recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, progress))
+        metrics.update(_recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, resume, progress))
     else:
         metrics["dev"] = metrics["dev_before_recovery"]
         _save(model, tokenizer, out)
@@ -300,7 +300,7 @@ def prune(cfg: PruneConfig, progress: bool = True) -> Manifest:
     return manifest
 
 
-def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, progress) -> dict:
+def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, resume, progress) -> dict:
     """Prediction-layer distillation from the unpruned model (soft cross-entropy to its logits)."""
     try:
         from pipeline.distill.losses import prediction_loss
@@ -328,8 +328,11 @@ def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, 
     teacher.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     loop = TrainLoop(loop_cfg, model, dataset, Collator(tokenizer, task.is_regression), loss_fn, out, evaluate_fn,
                      save_best, desc=f"prune-recover {task.name}", run_config=_run_config(cfg), progress=progress)
-    loop.run()
-    return {"dev": save_best.metrics}
+    loop.run(resume=resume)
+    metrics = getattr(save_best, "metrics", None)
+    if metrics is None:  # resumed after the best was saved
+        metrics = _eval_metrics(load_model(str(out)), tokenizer, task, dev, max_length, cfg.eval_batch_size)
+    return {"dev": metrics}
 
 
 def _soft_cross_entropy(student_logits, teacher_logits, temperature=1.0):
