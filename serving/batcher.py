@@ -1,0 +1,143 @@
+"""Dynamic batching: inputs of concurrent requests share one forward pass.
+
+Each input joins an asyncio queue with a future. One task on the event loop takes inputs off the
+queue into a batch until it holds max_batch_size inputs or the oldest has waited max_wait_ms, then
+hands the batch to a single worker thread (the model is never run on the event loop, and never twice
+at once: its own intra-op threads already use the cores). Past max_queue admitted inputs a request
+is refused at once instead of joining an unbounded queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class QueueFull(Exception):
+    """More inputs admitted than max_queue: the client should retry later (429)."""
+
+
+@dataclass
+class _Item:
+    input: Any
+    future: asyncio.Future
+    enqueued: float
+
+
+_STOP = object()
+
+
+class Batcher:
+    def __init__(self, run_batch: Callable[[list], list], max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 max_queue: int = 512, metrics=None):
+        self.run_batch = run_batch  # list of inputs -> list of answers (an Exception instance fails that input)
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.model_calls = 0
+        self.pending = 0  # inputs admitted and not yet answered
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertforge-model")
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._loop(), name="bertforge-batcher")
+
+    async def stop(self) -> None:
+        """Answer everything already queued, then stop the worker."""
+        if self._task:
+            self._queue.put_nowait(_STOP)
+            await self._task
+            self._task = None
+        self.executor.shutdown(wait=True)
+
+    async def run_in_worker(self, fn: Callable, *args):
+        """Run `fn` on the model thread (warm-up goes through here so it never overlaps a batch)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def submit(self, inputs: list) -> list:
+        """Answers for `inputs`, in order. Raises QueueFull, or the first failed input's exception."""
+        if self._task is None:
+            raise RuntimeError("batcher is not running")
+        n = len(inputs)
+        if self.pending + n > self.max_queue:
+            raise QueueFull(f"{self.pending} inputs in flight, limit {self.max_queue}")
+        loop = asyncio.get_running_loop()
+        self._admit(n)
+        try:
+            futures = [loop.create_future() for _ in inputs]
+            now = time.perf_counter()
+            for x, f in zip(inputs, futures):
+                self._queue.put_nowait(_Item(x, f, now))
+            self._set_queue_depth()
+            answers = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            self._admit(-n)
+        for a in answers:
+            if isinstance(a, BaseException):
+                raise a
+        return answers
+
+    def _admit(self, n: int) -> None:
+        self.pending += n
+        if self.metrics:
+            self.metrics.in_flight.set(self.pending)
+
+    def _set_queue_depth(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(self._queue.qsize())
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if first is _STOP:
+                return
+            batch, stop = [first], False
+            # The wait counts from when the oldest input arrived: inputs that queued while the model
+            # was busy have waited already and go straight in.
+            deadline = first.enqueued + self.max_wait
+            while len(batch) < self.max_batch_size:
+                if self._queue.empty():
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                else:
+                    item = self._queue.get_nowait()
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._set_queue_depth()
+            await self._run(batch)
+            if stop:
+                return
+
+    async def _run(self, batch: list[_Item]) -> None:
+        batch = [item for item in batch if not item.future.done()]  # a cancelled request needs no answer
+        if not batch:
+            return
+        start = time.perf_counter()
+        try:
+            answers = await self.run_in_worker(self.run_batch, [item.input for item in batch])
+        except Exception as e:  # the model failed: every input of the batch fails, the server goes on
+            answers = [e] * len(batch)
+        self.model_calls += 1
+        if self.metrics:
+            self.metrics.model_calls.inc()
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.batch_seconds.observe(time.perf_counter() - start)
+        for item, answer in zip(batch, answers):
+            if item.future.done():
+                continue
+            if isinstance(answer, BaseException):
+                item.future.set_exception(answer)
+            else:
+                item.future.set_result(answer)
