@@ -6,7 +6,9 @@ which costs the same to run and to store. Either way the classification head is 
 baseline is for speed and size only: its manifest carries no score, and a shape-only one says so.
 
 The int8 variant is what "just quantize BERT-base" gives: ONNX export, ONNX Runtime's BERT fusions and
-dynamic int8 — the same recipe as the compressed students, so the ratio against it is fair.
+dynamic int8 — the same recipe (`bertforge export` then `bertforge quantize --mode dynamic`) as the
+compressed students, so the ratio against it is fair. The model carries the task's label count but no
+`finetuning_task`: the export and quantize stages then validate on the bundled SST-2 sample, offline.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ def _torch_fp32(out: Path, task: str, hub_id: str | None, shape: dict[str, Any],
     if _matches(out, **wanted):
         return out
     labels = label_config(spec)
+    labels.pop("finetuning_task")  # no task: the stages validate on the bundled sample, never the hub
     model = tokenizer = None
     if hub_id:
         try:
@@ -89,19 +92,40 @@ def _ort_int8(source: Path, out: Path) -> Path:
     if _matches(out, **wanted):
         return out
     tmp = Path(tempfile.mkdtemp(prefix=".baseline-", dir=_mkparent(out)))
-    export_fused_int8(source, tmp / "model.onnx")
-    for name in ("config.json", *TOKENIZER_FILES):
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)
+    recipe = _export_and_quantize(source, tmp)
     write_manifest(tmp, Manifest(
         stage="baseline", task=src.task, format="onnx", precision="int8", parent=str(source),
         params={**wanted, "baseline_role": "ort_int8", "shape_only": src.params.get("shape_only", False),
-                "source": src.params.get("source"), "onnx_file": "model.onnx",
-                "recipe": "ONNX export, onnxruntime BERT fusions, dynamic int8 (QInt8 weights)",
+                "source": src.params.get("source"), "onnx_file": "model.onnx", "recipe": recipe,
                 "note": "speed and size only: untrained classification head, no score"},
         num_parameters=src.num_parameters))
     _publish(tmp, out)
     return out
+
+
+def _export_and_quantize(source: Path, out: Path) -> dict:
+    """The students' own stages when this checkout has them; else the same three steps done here."""
+    try:
+        from pipeline.export import ExportConfig, export
+        from pipeline.quantize import QuantizeConfig, quantize
+    except ImportError:
+        export_fused_int8(source, out / "model.onnx")
+        for name in ("config.json", *TOKENIZER_FILES):
+            if (source / name).is_file():
+                shutil.copy2(source / name, out / name)
+        return {"steps": "torch.onnx export, onnxruntime BERT fusions, quantize_dynamic QInt8"}
+    work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
+    exported = export(ExportConfig(model=str(source), out=str(work / "export"), evaluate_dev=False,
+                                   validation_examples=16), progress=False)
+    quantized = quantize(QuantizeConfig(model=str(work / "export"), out=str(work / "int8"), mode="dynamic",
+                                        eval_examples=16), progress=False)
+    for f in (work / "int8").iterdir():
+        if f.is_file() and f.name != "bertforge.json":
+            shutil.move(str(f), out / f.name)
+    shutil.rmtree(work)
+    return {"steps": "bertforge export (O2 fusions) then bertforge quantize --mode dynamic",
+            "export_validation": exported.params.get("validation"),
+            "agreement_with_fp32": quantized.params.get("agreement_with_source")}
 
 
 def export_fused_int8(model_dir: Path, onnx_path: Path) -> Path:

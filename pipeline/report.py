@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ class ReportConfig:
 # ---------------------------------------------------------------- numbers
 
 def _ratio(num, den):
-    return round(num / den, 2) if num and den else None
+    return float(f"{num / den:.4g}") if num and den else None
 
 
 def analyse(bench: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
@@ -108,6 +109,7 @@ def analyse(bench: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
         "reference": {"latency_batch_size": b_lat, "throughput_batch_size": b_tp, "seq_len": seq},
         "baselines": {role: (a["name"] if a else None) for role, a in base.items()},
         "baseline_shape_only": any(a and a.get("shape_only") for a in base.values()),
+        "baseline_shape": _shape_text(base["torch_fp32"] or base["ort_int8"]),
         "headline": headline,
         "latency_table": [{k: v for k, v in r.items() if k != "samples_ms"} for r in bench["results"]],
         "artifacts": [{k: v for k, v in a.items()} for a in arts],
@@ -116,6 +118,13 @@ def analyse(bench: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
         "threads": bench.get("threads", {}), "bench_config": bench.get("config", {}),
         "bench_created": bench.get("created"), "command": cfg.command or bench.get("command"),
     }
+
+
+def _shape_text(a: dict | None) -> str | None:
+    p = (a or {}).get("params", {})
+    if "layers" not in p:
+        return None
+    return f"{p['layers']} layers, hidden {p['hidden']}, {p['heads']} heads, FFN {p['intermediate']}"
 
 
 def find_teacher(arts: list[dict], final: dict | None, wanted: str | None) -> dict | None:
@@ -173,6 +182,7 @@ def _svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     fig.clf()
     text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # RDF boilerplate: bytes, no pixels
     return text[text.index("<svg"):]
 
 
@@ -383,8 +393,8 @@ def render_markdown(rep: dict) -> str:
                        + (f" vs teacher `{rep['teacher']}` {fmt_score(rep['teacher_score'])} ({100 * keep:.1f}% kept)" if keep else ""))
         out.append("")
     if rep["baseline_shape_only"]:
-        out += ["> The BERT-base baseline is a randomly initialised model of BERT-base's shape (bert-base-uncased "
-                "could not be loaded here): same cost, used for speed and size only, never for accuracy.", ""]
+        out += [f"> The BERT-base baseline is a randomly initialised model of its shape ({rep['baseline_shape']}; "
+                "bert-base-uncased could not be loaded here): same cost, used for speed and size only, never for accuracy.", ""]
     out += ["## Headline", ""]
     out.append("| " + " | ".join(c[1] for c in HEADLINE_COLUMNS) + " |")
     out.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(HEADLINE_COLUMNS))) + "|")
@@ -500,7 +510,7 @@ TEMPLATE = """<!doctype html>
 {% endif %}
 {% if rep.baseline_shape_only %}
 <div class="banner"><b>Shape-only baseline.</b> bert-base-uncased could not be loaded here, so the BERT-base rows are a randomly
-initialised model of exactly BERT-base's shape (12 layers, hidden 768, 12 heads, FFN 3072): the same cost to run and store.
+initialised model of its shape ({{ rep.baseline_shape }}): the same cost to run and store.
 They are used for speed and size only, never for accuracy.</div>
 {% endif %}
 

@@ -1,0 +1,84 @@
+from pathlib import Path
+
+from pipeline.cli.common import print_json
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="latency, throughput, size, memory and cold start of artifacts, side by side")
+    p.add_argument("--models", nargs="+", required=True, metavar="[NAME=]DIR",
+                   help="artifact folders (PyTorch or ONNX); NAME= sets the row label (default: the folder name)")
+    p.add_argument("--out", required=True, help="bench JSON file to write")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[128])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-iters", type=int, default=10)
+    p.add_argument("--min-seconds", type=float, default=1.0, help="measured seconds per artifact and grid point")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="cap per artifact and grid point")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: every usable core)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="auto: cpu, plus cuda when present")
+    p.add_argument("--cold-start", choices=["subprocess", "inprocess"], default="subprocess",
+                   help="measure load + first call in a fresh process (honest peak memory) or in this one")
+    g = p.add_argument_group("BERT-base baseline")
+    g.add_argument("--baseline", action="store_true",
+                   help="add BERT-base in PyTorch fp32 and ONNX Runtime int8 (bert-base-uncased, else a same-shape random model)")
+    g.add_argument("--baseline-dir", default=None, help="where the baseline artifacts are built and reused (default: beside --out)")
+    g.add_argument("--baseline-model", default="bert-base-uncased", help="hub id tried first")
+    g.add_argument("--baseline-task", default=None, help="label count of the baseline (default: the first model's task, else sst2)")
+    g.add_argument("--baseline-shape", nargs="+", default=None, metavar="FIELD=VALUE",
+                   help="override BertConfig fields of the shape-only baseline (e.g. a small stand-in for a quick check)")
+    p.add_argument("--final", default=None, help="name of the final artifact for the report (default: the last model)")
+    p.add_argument("--teacher", default=None, help="name or path of the teacher (default: found from stages and lineage)")
+    p.set_defaults(func=run)
+
+
+def command_line(args) -> str:
+    """The command as the user would retype it (quoted in the report)."""
+    parts = ["bertforge bench --models", *args.models, "--out", args.out,
+             "--batch-sizes", *map(str, args.batch_sizes), "--seq-lens", *map(str, args.seq_lens)]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    if args.device != "auto":
+        parts += ["--device", args.device]
+    if args.baseline:
+        parts.append("--baseline")
+    for flag in ("final", "teacher"):
+        if getattr(args, flag):
+            parts += [f"--{flag}", getattr(args, flag)]
+    return " ".join(parts)
+
+
+def parse_shape(items: list[str] | None) -> dict | None:
+    from pipeline.errors import BertforgeError
+
+    if not items:
+        return None
+    shape = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value.isdigit():
+            raise BertforgeError(f"--baseline-shape takes FIELD=INTEGER pairs, got {item!r}")
+        shape[key] = int(value)
+    return shape
+
+
+def run(args):
+    from pipeline.artifacts import read_manifest
+    from pipeline.bench import ArtifactSpec, BenchConfig, benchmark_artifacts, write_bench
+
+    cfg = BenchConfig(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, warmup=args.warmup, min_iters=args.min_iters,
+                      min_seconds=args.min_seconds, max_seconds=args.max_seconds, threads=args.threads,
+                      device=args.device, cold_start=args.cold_start)
+    specs = [ArtifactSpec.parse(m) for m in args.models]
+    if args.baseline:
+        from pipeline.baseline import build_baseline
+
+        first = read_manifest(specs[0].path)
+        task = args.baseline_task or (first.task if first and first.task else "sst2")
+        folder = Path(args.baseline_dir) if args.baseline_dir else Path(args.out).resolve().parent / "bert-base-baseline"
+        built = build_baseline(folder, task=task, hub_id=args.baseline_model, shape=parse_shape(args.baseline_shape))
+        specs += [ArtifactSpec("bert-base-torch-fp32", built["torch_fp32"]), ArtifactSpec("bert-base-ort-int8", built["ort_int8"])]
+    result = benchmark_artifacts(specs, cfg)
+    result.update(final=args.final, teacher=args.teacher, command=command_line(args))
+    write_bench(result, args.out)
+    print_json({"out": args.out, "results": [{k: r[k] for k in ("artifact", "device", "batch_size", "seq_len", "p50_ms",
+                                                                   "p99_ms", "throughput_seq_s")} for r in result["results"]]})
