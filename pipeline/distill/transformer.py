@@ -128,6 +128,32 @@ class TeacherLogits:
         return logits
 
 
+def track_epoch_losses(loop: TrainLoop) -> None:
+    """Keep the mean of each loss part per epoch in the loop's state, so it is checkpointed with it
+    and survives --resume; `epoch_loss_summary` reads it for the manifest."""
+    loss_fn = loop.loss_fn
+
+    def tracked(batch):
+        parts = loss_fn(batch)
+        epochs = loop.state.setdefault("epoch_losses", {})
+        acc = epochs.setdefault(loop.state["epoch"], {"steps": 0})
+        acc["steps"] += 1
+        for k, v in parts.items():
+            acc[k] = acc.get(k, 0.0) + float(v.detach())
+        return parts
+
+    loop.loss_fn = tracked
+
+
+def epoch_loss_summary(loop: TrainLoop) -> dict:
+    """{"first_epoch": {part: mean}, "last_epoch": {...}} of the losses seen while training."""
+    epochs = loop.state.get("epoch_losses") or {}
+    if not epochs:
+        return {}
+    means = {e: {k: round(v / acc["steps"], 6) for k, v in acc.items() if k != "steps"} for e, acc in epochs.items()}
+    return {"first_epoch": means[min(means)], "last_epoch": means[max(means)], "epochs_seen": len(means)}
+
+
 def _run_config(cfg: DistillConfig, **extra) -> dict:
     d = asdict(cfg)
     for volatile in ("num_threads", "eval_batch_size"):
@@ -181,6 +207,7 @@ def general_distillation(cfg: DistillConfig, resume: bool = False, progress: boo
     loop = TrainLoop(cfg.loop, modules, dataset, Collator(tokenizer, regression=False),
                      intermediate_loss_fn(student, teacher, projections, mapping, cfg), out,
                      desc="general distillation", run_config=_run_config(cfg), progress=progress)
+    track_epoch_losses(loop)
     teacher.to(loop.device)
     loop.run(resume=resume)
     student = loop.accelerator.unwrap_model(loop.modules)["student"]
@@ -191,6 +218,7 @@ def general_distillation(cfg: DistillConfig, resume: bool = False, progress: boo
         stage="distill", task=None, parent=cfg.teacher, seed=cfg.loop.seed,
         params={**_run_config(cfg), "stage": "general", "student": _student_layers_note(cfg, teacher),
                 "layer_mapping": mapping, "max_length": max_length, "train_examples": len(texts),
+                "train_loss": epoch_loss_summary(loop),
                 "schedule": {"epochs": cfg.loop.epochs, "learning_rate": cfg.loop.learning_rate,
                              "batch_size": cfg.loop.batch_size, "max_steps_per_epoch": cfg.loop.max_steps_per_epoch}},
         num_parameters=count_parameters(student), wall_s=round(time.perf_counter() - start, 1),
@@ -239,9 +267,10 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
     collator = Collator(tokenizer, task.is_regression)
     run_config = _run_config(cfg, steps=list(steps))
 
+    train_loss = {}
     if "intermediate" in steps:
-        student = _intermediate_step(cfg, schedule["intermediate"], student, teacher, mapping, dataset, collator,
-                                     out, resume, progress, run_config)
+        student, train_loss["intermediate"] = _intermediate_step(
+            cfg, schedule["intermediate"], student, teacher, mapping, dataset, collator, out, resume, progress, run_config)
 
     last = steps[-1]
     targets = TeacherLogits(teacher, task, cfg.cache_teacher) if last == "prediction" else None
@@ -270,9 +299,11 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
     loop = TrainLoop(schedule[last], student, dataset, collator, loss_fn, out, evaluate_fn, save_best,
                      desc=f"{cfg.method} {task.name}: {last}", run_config={**run_config, "step": last},
                      progress=progress)
+    track_epoch_losses(loop)
     if targets is not None:
         targets.teacher.to(loop.device)
     best = loop.run(resume=resume)
+    train_loss[last] = epoch_loss_summary(loop)
     metrics = getattr(save_best, "metrics", None)
     if metrics is None:  # resumed after the best was saved: score the saved best again
         metrics = evaluate(str(out), task.name, max_length=max_length, batch_size=cfg.eval_batch_size,
@@ -283,6 +314,7 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
         params={**run_config, "student": student_note,
                 "layer_mapping": mapping,
                 "max_length": max_length, "train_examples": len(train), "best_dev_score": best,
+                "train_loss": train_loss,
                 "teacher_score": teacher_manifest.score if teacher_manifest else None,
                 "schedule": {s: {"epochs": schedule[s].epochs, "learning_rate": schedule[s].learning_rate,
                                  "batch_size": schedule[s].batch_size,
@@ -295,26 +327,30 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
 
 
 def _intermediate_step(cfg, loop_cfg, student, teacher, mapping, dataset, collator, out: Path, resume, progress,
-                       run_config) -> BertForSequenceClassification:
-    """Step 1; returns the student after it (reloaded from disk when an earlier run finished the step)."""
+                       run_config) -> tuple[BertForSequenceClassification, dict]:
+    """Step 1; returns the student after it (reloaded from disk when an earlier run finished the step)
+    and the step's loss summary."""
     work = out / CHECKPOINT_DIR / INTERMEDIATE_DIR
     done = work / "student"
     if (done / "config.json").is_file():
-        return BertForSequenceClassification.from_pretrained(done)
+        summary = json.loads((done / "step.json").read_text())["train_loss"]
+        return BertForSequenceClassification.from_pretrained(done), summary
     projections = Projections(student.config.hidden_size, teacher.config.hidden_size)
     modules = nn.ModuleDict({"student": student, "projections": projections})
     loop = TrainLoop(loop_cfg, modules, dataset, collator,
                      intermediate_loss_fn(student, teacher, projections, mapping, cfg), work,
                      desc=f"{cfg.method} {cfg.task}: intermediate", run_config={**run_config, "step": "intermediate"},
                      progress=progress)
+    track_epoch_losses(loop)
     teacher.to(loop.device)
     loop.run(resume=resume)
     student = loop.accelerator.unwrap_model(loop.modules)["student"]
+    summary = epoch_loss_summary(loop)
     if loop.accelerator.is_main_process:
         tmp = work / "student.tmp"
         student.save_pretrained(tmp)
-        (tmp / "step.json").write_text(json.dumps({"step": "intermediate", "mapping": mapping}))
+        (tmp / "step.json").write_text(json.dumps({"step": "intermediate", "mapping": mapping, "train_loss": summary}))
         tmp.replace(done)
     loop.finish()  # the step's resume state; its student stays until the whole run is finished
-    return student
+    return student, summary
 
