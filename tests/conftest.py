@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads
+# of parallel processes slow every test down several-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
 if os.environ.get("GLUE_DIR"):
     GLUE_DIR = Path(os.environ["GLUE_DIR"])
