@@ -25,13 +25,13 @@ from pipeline.training import LoopConfig
 RESULTS = Path(__file__).parent / "results"
 MODEL = "all-MiniLM-L6-v2"
 # A budget for a shared 2-core CPU (about an hour for all tasks): 3 epochs and a higher learning rate
-# for the small tasks (a 22M-parameter model), one epoch of SST-2's 67k rows (2.1k steps).
+# for the small tasks (a 22M-parameter model); one epoch over the first 20k of SST-2's 67k rows.
 SCHEDULE = {
     "cola": dict(epochs=3, learning_rate=1e-4),
-    "stsb": dict(epochs=3, learning_rate=1e-4),
+    "sst2": dict(epochs=1, learning_rate=5e-5, max_train_examples=20000),
     "mrpc": dict(epochs=3, learning_rate=1e-4),
+    "stsb": dict(epochs=3, learning_rate=1e-4),
     "rte": dict(epochs=3, learning_rate=1e-4),
-    "sst2": dict(epochs=1, learning_rate=5e-5),
     "wnli": dict(epochs=2, learning_rate=2e-5),
 }
 
@@ -61,8 +61,9 @@ def main() -> None:
             sched = dict(SCHEDULE.get(task.name, dict(epochs=3, learning_rate=5e-5)))
             if args.epochs:
                 sched["epochs"] = args.epochs
+            max_examples = sched.pop("max_train_examples", None)
             cfg = FinetuneConfig(task=task.name, model=MODEL, out=str(out), glue_dir=args.glue_dir,
-                                 num_threads=args.threads,
+                                 num_threads=args.threads, max_train_examples=max_examples,
                                  loop=LoopConfig(batch_size=32, checkpoint_every=100, **sched))
             manifest = finetune(cfg, resume=(out / "checkpoints").is_dir())
         rows[task.name] = {
