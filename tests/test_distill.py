@@ -2,7 +2,6 @@
 student initialisation, resume after a kill, and the CLI's errors."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
