@@ -1,8 +1,9 @@
 """Dynamic batching: inputs of concurrent requests share one forward pass.
 
 Each input joins an asyncio queue with a future. One task on the event loop takes inputs off the
-queue into a batch until it holds max_batch_size inputs or the oldest has waited max_wait_ms, then
-hands the batch to a single worker thread (the model is never run on the event loop, and never twice
+queue into a batch until it holds max_batch_size inputs or the oldest has waited max_wait_ms (default
+0: whatever queued while the model was busy, as text-embeddings-inference does; batches grow with the
+load and an idle server adds no delay), then hands the batch to a single worker thread (the model is never run on the event loop, and never twice
 at once: its own intra-op threads already use the cores). Past max_queue admitted inputs a request
 is refused at once instead of joining an unbounded queue.
 """
@@ -30,7 +31,7 @@ _STOP = object()
 
 
 class Batcher:
-    def __init__(self, run_batch: Callable[[list], list], max_batch_size: int = 32, max_wait_ms: float = 5.0,
+    def __init__(self, run_batch: Callable[[list], list], max_batch_size: int = 32, max_wait_ms: float = 0.0,
                  max_queue: int = 512, metrics=None):
         self.run_batch = run_batch  # list of inputs -> list of answers (an Exception instance fails that input)
         self.max_batch_size = max_batch_size

@@ -10,9 +10,11 @@ from pipeline.errors import BertforgeError
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port
-    # Dynamic batching: a batch closes at max_batch_size inputs or max_wait_ms after its first input.
+    # Dynamic batching: while the model runs, arriving inputs queue; the next batch takes what queued
+    # (up to max_batch_size), so batches grow with load and an idle server adds no delay. max_wait_ms > 0
+    # also holds a batch open that long after its oldest input arrived, for more to join.
     max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     # Backpressure: inputs admitted and not yet answered (queued + running). Past it: 429.
     max_queue: int = 512
     max_inputs_per_request: int = 64

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 import threading
 
 import httpx
@@ -13,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import export_tiny_onnx
 
+from pipeline.cli import main
 from pipeline.errors import BertforgeError
 from serving.config import ServeConfig
 from serving.server import build_server, serve_in_thread
@@ -280,7 +279,7 @@ def test_pytorch_artifact_and_regression(tmp_path, tiny_bert, server):
         assert set(p) == {"value"} and isinstance(p["value"], float)
 
 
-def test_bad_model_folder_fails_at_start(tmp_path, onnx_model):
+def test_bad_model_folder_fails_at_start(tmp_path, onnx_model, capsys):
     with pytest.raises(BertforgeError, match="no config.json"):
         build_server(tmp_path, config())
     (tmp_path / "config.json").write_text("{not json")
@@ -297,9 +296,7 @@ def test_bad_model_folder_fails_at_start(tmp_path, onnx_model):
     with pytest.raises(BertforgeError, match="max-batch-size"):
         ServeConfig(max_batch_size=0)
 
-    # The command itself: exit 2 and one line, before any port is served.
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--model", str(tmp_path / "missing"), "--port", "0"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    errors = [line for line in r.stderr.splitlines() if line.startswith("bertforge serve: error:")]
-    assert len(errors) == 1 and "does not exist" in errors[0], r.stderr[-500:]
+    # The command itself: exit 2 and one line.
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bertforge serve: error:") and "does not exist" in err[0]
