@@ -174,8 +174,11 @@ def _graph_runtime(folder: Path, graph: Path) -> OrtClassifier:
     return rt
 
 
-def _logits(runtime, examples, max_length, batch_size) -> np.ndarray:
-    return np.concatenate([runtime(feed) for feed in batches(examples, runtime.tokenizer, max_length, batch_size)])
+def _logits(runtime, examples, task, max_length, batch_size) -> np.ndarray:
+    """In the examples' order (batches run sorted by length)."""
+    from pipeline.evaluate import predict_logits
+
+    return predict_logits(runtime, examples, task, max_length, batch_size, progress=False)
 
 
 def _score(task, logits, examples) -> float:
@@ -247,13 +250,13 @@ def _accuracy_aware(q: OrtQuantizer, cfg: QuantizeConfig, task, src: Path, dst: 
     dev = task_examples(task, cfg.glue_dir, limit=cfg.eval_examples)
     if any(ex.label is None for ex in dev):
         raise BertforgeError(f"the dev split of {task.name} has no labels to score against")
-    base_logits = _logits(_graph_runtime(folder, src), dev, max_length, cfg.batch_size)
+    base_logits = _logits(_graph_runtime(folder, src), dev, task, max_length, cfg.batch_size)
     base = _score(task, base_logits, dev)
     work = dst.parent / (dst.name + ".try.onnx")
 
     def score_of(exclude) -> float:
         q.build(work, exclude=exclude)
-        return _score(task, _logits(_graph_runtime(folder, work), dev, max_length, cfg.batch_size), dev)
+        return _score(task, _logits(_graph_runtime(folder, work), dev, task, max_length, cfg.batch_size), dev)
 
     trials = []
     full = score_of([])
@@ -267,11 +270,11 @@ def _accuracy_aware(q: OrtQuantizer, cfg: QuantizeConfig, task, src: Path, dst: 
 
     # sensitivity: logit error with only that node quantized, on a dev subset
     probe = dev[:cfg.sensitivity_examples]
-    probe_ref = _logits(_graph_runtime(folder, src), probe, max_length, cfg.batch_size)
+    probe_ref = _logits(_graph_runtime(folder, src), probe, task, max_length, cfg.batch_size)
     sensitivity = {}
     for node in q.quantizable_nodes():
         q.build(work, only=[node])
-        logits = _logits(_graph_runtime(folder, work), probe, max_length, cfg.batch_size)
+        logits = _logits(_graph_runtime(folder, work), probe, task, max_length, cfg.batch_size)
         sensitivity[node] = float(np.mean((logits - probe_ref) ** 2))
     ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
     report["sensitivity"] = {n: sensitivity[n] for n in ranked}
