@@ -221,6 +221,18 @@ def make_inputs(vocab_size: int, batch: int, seq: int, seed: int) -> dict[str, n
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
+def unsupported(info: dict[str, Any], device: str) -> str | None:
+    """Why an artifact cannot run on `device` here (None: it can)."""
+    if info["format"] == "onnx" and info["precision"] == "fp16" and device == "cpu":
+        return "fp16 ONNX graph: built for GPUs"
+    if info["format"] == "onnx" and device == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+    return None
+
+
 def load_for_bench(path: str | Path, device: str, threads: int, precision: str):
     from pipeline.inference import load_runtime
 
@@ -255,6 +267,11 @@ def cold_start(path: str | Path, device: str, threads: int, precision: str, seq:
     import psutil
 
     proc = psutil.Process()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        cuda0 = torch.cuda.memory_allocated()
     rss0 = proc.memory_info().rss
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
@@ -267,9 +284,12 @@ def cold_start(path: str | Path, device: str, threads: int, precision: str, seq:
     rss1 = proc.memory_info().rss
     # ru_maxrss is the process's high-water mark: only a fresh process makes its rise this artifact's own
     peak_delta = max(peak1 - max(peak0, rss0), rss1 - rss0)
-    return {"load_s": round(t1 - t0, 4), "first_inference_s": round(t2 - t1, 4), "total_s": round(t2 - t0, 4),
-            "peak_rss_delta_mb": round(peak_delta / 2**20, 1), "rss_delta_mb": round((rss1 - rss0) / 2**20, 1),
-            "_runtime": runtime}
+    out = {"load_s": round(t1 - t0, 4), "first_inference_s": round(t2 - t1, 4), "total_s": round(t2 - t0, 4),
+           "peak_rss_delta_mb": round(peak_delta / 2**20, 1), "rss_delta_mb": round((rss1 - rss0) / 2**20, 1),
+           "_runtime": runtime}
+    if device == "cuda" and runtime.format == "pytorch":  # ONNX Runtime's CUDA memory is not torch's to count
+        out["cuda_peak_mb"] = round((torch.cuda.max_memory_allocated() - cuda0) / 2**20, 1)
+    return out
 
 
 def cold_start_subprocess(path: str | Path, device: str, threads: int, precision: str, seq: int) -> dict[str, Any]:
@@ -341,16 +361,26 @@ def benchmark_artifacts(paths: list[str | Path | ArtifactSpec], cfg: BenchConfig
     for device in devices:
         runtimes = {}
         for spec, info in zip(specs, artifacts):
-            if cfg.cold_start == "subprocess":
-                cs = cold_start_subprocess(spec.path, device, threads, info["precision"], ref_seq)
-                runtime = load_for_bench(spec.path, device, threads, info["precision"])
-            else:
-                cs = cold_start(spec.path, device, threads, info["precision"], ref_seq)
-                runtime = cs.pop("_runtime")
+            reason = unsupported(info, device)
+            if reason:
+                skipped.append({"artifact": spec.name, "device": device, "reason": reason})
+                continue
+            try:
+                if cfg.cold_start == "subprocess":
+                    cs = cold_start_subprocess(spec.path, device, threads, info["precision"], ref_seq)
+                    runtime = load_for_bench(spec.path, device, threads, info["precision"])
+                else:
+                    cs = cold_start(spec.path, device, threads, info["precision"], ref_seq)
+                    runtime = cs.pop("_runtime")
+            except BertforgeError as e:
+                if device == "cpu":
+                    raise
+                skipped.append({"artifact": spec.name, "device": device, "reason": str(e)})
+                continue
             cs["method"] = cfg.cold_start
             info.setdefault("cold_start", {})[device] = cs
             if device == "cuda" and runtime.format == "onnx" and not provider_of(runtime).startswith("CUDA"):
-                skipped.append({"artifact": spec.name, "device": device, "reason": "onnxruntime has no CUDA provider here"})
+                skipped.append({"artifact": spec.name, "device": device, "reason": "ONNX Runtime fell back to the CPU provider"})
                 continue
             if info["num_parameters"] is None and runtime.format == "pytorch":
                 info["num_parameters"] = sum(p.numel() for p in runtime.model.parameters())
@@ -367,8 +397,6 @@ def benchmark_artifacts(paths: list[str | Path | ArtifactSpec], cfg: BenchConfig
                         continue
                     runners.append((name, runtime))
                     inputs[name] = make_inputs(runtime.config.vocab_size, batch, seq, cfg.seed)
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 samples = run_grid_point(runners, inputs, device, cfg)
                 for name, runtime in runners:

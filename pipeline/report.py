@@ -375,7 +375,7 @@ def render_markdown(rep: dict) -> str:
     hw = rep["hardware"]
     out = ["# bertforge report", ""]
     out.append(f"Device **{rep['device']}** · {hw.get('cpu_model', '?')} ({', '.join(hw.get('cpu_flags', [])) or 'no flags read'})"
-               f"{' · GPU ' + ', '.join(hw['gpus']) if hw.get('gpus') else ''} · {rep['threads'].get('intra_op', '?')} threads · "
+               f"{' · GPU ' + ', '.join(hw['gpus']) if hw.get('gpus') else ''} · threads {rep['threads'].get('intra_op', '?')} · "
                f"bench {rep.get('bench_created') or '?'}")
     out.append("")
     if rep.get("command"):
@@ -402,7 +402,7 @@ def render_markdown(rep: dict) -> str:
         cells = [fn(h[key]) if h[key] is not None or fn is not str else "—" for key, _, fn in HEADLINE_COLUMNS]
         if h["role"] == "final":
             cells[0] = f"**{cells[0]}** (final)"
-        elif h["role"] == "teacher":
+        elif h["role"] == "teacher" and h["artifact"] != "teacher":
             cells[0] += " (teacher)"
         elif h["baseline"]:
             cells[0] += " (baseline" + (", shape only" if h["shape_only"] else "") + ")"
@@ -639,6 +639,10 @@ def build_report(bench: dict[str, Any], out_dir: str | Path, cfg: ReportConfig |
     if not bench.get("results"):
         raise BertforgeError("the bench holds no measurements")
     rep = analyse(bench, cfg)
+    if len(rep["devices"]) > 1:  # the headline is one device's; the ratios of each are kept too
+        from dataclasses import replace
+
+        rep["ratios_by_device"] = {d: analyse(bench, replace(cfg, device=d))["ratios"] for d in rep["devices"]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(rep, bench)

@@ -143,6 +143,13 @@ def test_report_defaults_final_to_last_and_finds_teacher_in_lineage(bench, tmp_p
     with pytest.raises(BertforgeError, match="not in the bench"):
         build_report(bench, tmp_path, ReportConfig(final="nope"))
 
+    # two devices: the headline is the CPU's, each device keeps its own ratios
+    slower = [{**r, "device": "cuda", "p50_ms": r["p50_ms"] * (2 if r["artifact"] == "student" else 1)} for r in bench["results"]]
+    rep = build_report({**bench, "devices": ["cpu", "cuda"], "results": bench["results"] + slower}, tmp_path / "two")
+    assert rep["device"] == "cpu" and set(rep["ratios_by_device"]) == {"cpu", "cuda"}
+    cpu, cuda = rep["ratios_by_device"]["cpu"], rep["ratios_by_device"]["cuda"]
+    assert cuda["latency_b1_vs_bert_base_torch_fp32"] == pytest.approx(cpu["latency_b1_vs_bert_base_torch_fp32"] / 2, rel=0.01)
+
 
 def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -157,23 +164,22 @@ def test_html_renders_with_its_plots_in_chromium(bench, tmp_path):
 
     build_report(bench, tmp_path, ReportConfig(final="student"))
     page = tmp_path / "report.html"
+    # the page itself has no script: a copy measures each plot once laid out, into the DOM Chromium dumps
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", "<script>document.body.dataset.plots = JSON.stringify("
+                     "[...document.querySelectorAll('figure svg')].map(s => [s.getBoundingClientRect().width, "
+                     "s.getBoundingClientRect().height]));</script></body>"))
     shot = tmp_path / "shot.png"
-    _chromium(["--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()], tmp_path)
+    dom = _chromium(["--window-size=1280,2400", f"--screenshot={shot}", "--dump-dom", probe.as_uri()], tmp_path).stdout
+    sizes = json.loads(re.search(r'data-plots="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert len(sizes) == 4 and all(w > 200 and h > 100 for w, h in sizes)
+
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape[:2] == (2400, 1280)
     # the final artifact's colour (#e4572e) fills plot marks and bars, far beyond the title and the badge
     final_colour = (np.abs(pixels - [0xE4, 0x57, 0x2E]).sum(-1) < 40).sum()
     assert final_colour > 400
     assert len(np.unique(pixels.reshape(-1, 3) // 16, axis=0)) > 50  # not a blank or error page
-
-    # the page itself has no script: a copy measures each plot once laid out, and Chromium dumps the DOM
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", "<script>document.body.dataset.plots = JSON.stringify("
-                     "[...document.querySelectorAll('figure svg')].map(s => [s.getBoundingClientRect().width, "
-                     "s.getBoundingClientRect().height]));</script></body>"))
-    dom = _chromium(["--dump-dom", probe.as_uri()], tmp_path).stdout
-    sizes = json.loads(re.search(r'data-plots="([^"]*)"', dom).group(1).replace("&quot;", '"'))
-    assert len(sizes) == 4 and all(w > 200 and h > 100 for w, h in sizes)
     assert "Accuracy against latency" in dom and "student" in dom
 
 
