@@ -40,6 +40,9 @@ class ServeConfig:
                 raise BertforgeError(f"serve: {name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise BertforgeError(f"serve: max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_queue < self.max_inputs_per_request:
+            raise BertforgeError(f"serve: max-queue ({self.max_queue}) must hold at least one full request "
+                                 f"(max-inputs-per-request {self.max_inputs_per_request})")
         if self.on_long_input not in ("truncate", "reject"):
             raise BertforgeError(f"serve: on-long-input must be truncate or reject, got {self.on_long_input!r}")
         if self.max_tokens < 3:

@@ -184,7 +184,7 @@ def test_metrics_health_and_docs(server):
 
 def test_burst_past_the_queue_gets_429(onnx_model):
     # The batch waits up to 300 ms to fill, so the burst lands while the first inputs are still queued.
-    with serve_in_thread(onnx_model, config(max_queue=6, max_batch_size=64, max_wait_ms=300)) as url:
+    with serve_in_thread(onnx_model, config(max_queue=6, max_inputs_per_request=2, max_batch_size=64, max_wait_ms=300)) as url:
         async def burst():
             async with httpx.AsyncClient(timeout=30) as client:
                 return await asyncio.gather(*[client.post(f"{url}/predict", json={"inputs": ["a", "b"]})
@@ -295,6 +295,8 @@ def test_bad_model_folder_fails_at_start(tmp_path, onnx_model, capsys):
         build_server(onnx, config())
     with pytest.raises(BertforgeError, match="max-batch-size"):
         ServeConfig(max_batch_size=0)
+    with pytest.raises(BertforgeError, match="max-queue"):
+        ServeConfig(max_queue=4, max_inputs_per_request=8)
 
     # The command itself: exit 2 and one line.
     assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
