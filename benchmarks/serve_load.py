@@ -43,7 +43,9 @@ def start_server(model: str, args) -> tuple[subprocess.Popen, str]:
                "--max-queue", str(args.max_queue), "--log-level", "warning"]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    log = open(RESULTS / f"serve_load.{Path(model).name}.server.log", "w")
+    runs = RESULTS / "serve_load_runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    log = open(runs / f"{Path(model).name}.server.log", "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return proc, f"http://127.0.0.1:{port}"
 
