@@ -10,7 +10,7 @@ import torch
 
 from pipeline.artifacts import read_manifest
 from pipeline.errors import BertforgeError
-from pipeline.models import load_config, load_tokenizer, resolve_model
+from pipeline.models import is_bertforge_pruned, load_config, load_tokenizer, resolve_model
 
 
 class TorchClassifier:
@@ -25,7 +25,9 @@ class TorchClassifier:
         self.device = torch.device(device)
         self.config = load_config(path)
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(resolve_model(path)).to(self.device).eval()
+            resolved = resolve_model(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                resolved, trust_remote_code=is_bertforge_pruned(resolved)).to(self.device).eval()
         except (OSError, ValueError, RuntimeError) as e:
             raise BertforgeError(f"cannot load model weights from {path}: {str(e).splitlines()[0]}") from None
         self.input_names = ["input_ids", "attention_mask", "token_type_ids"]

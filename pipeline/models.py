@@ -37,10 +37,21 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+PRUNED_CODE = "modeling_pruned_bert"
+
+
+def is_bertforge_pruned(path: str | os.PathLike) -> bool:
+    """A folder written by `bertforge prune` with per-layer FFN widths: it carries bertforge's own model
+    class (`modeling_pruned_bert.py`), the only remote code bertforge ever trusts."""
+    folder = Path(path)
+    return (folder / f"{PRUNED_CODE}.py").is_file() and (folder / "config.json").is_file() and \
+        PRUNED_CODE in (folder / "config.json").read_text()
+
+
 def load_config(name_or_path: str | os.PathLike):
     path = resolve_model(name_or_path)
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=is_bertforge_pruned(path))
     except (OSError, ValueError) as e:
         raise BertforgeError(f"cannot load a model config from {name_or_path}: {_first_line(e)}") from None
 
@@ -82,7 +93,8 @@ def load_classifier(name_or_path: str | os.PathLike, task: TaskSpec, require_hea
         config.update(label_config(task))
         config.architectures = None
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                                  trust_remote_code=is_bertforge_pruned(path))
     except (OSError, ValueError, RuntimeError) as e:
         raise BertforgeError(f"cannot load model weights from {name_or_path}: {_first_line(e)}") from None
 
