@@ -187,10 +187,14 @@ def _svg(fig) -> str:
 
 
 def _log_axis(axis) -> None:
-    """Log scale labelled 1, 2, 5, 10, 20 ... (plain numbers read faster than powers of ten)."""
+    """Log scale labelled 1, 2, 5, 10 ... (plain numbers read faster than powers of ten); fewer labels
+    when the data spans many decades. Call once the data is plotted."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = sorted(axis.get_view_interval())
+    decades = math.log10(hi / lo) if lo > 0 else 10
+    subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0, 3.0) if decades <= 4 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -245,7 +249,6 @@ def plot_sizes(rep: dict, plt) -> str:
     vals = [h["size_mb"] for h in rows][::-1]
     ax.barh(names, vals, color=[COLORS[h["role"]] for h in rows][::-1], height=0.62)
     ax.set_xscale("log")
-    _log_axis(ax.xaxis)
     ax.grid(axis="y", visible=False)
     for y, h in enumerate(rows[::-1]):
         note = f"{h['size_mb']:.1f} MB" if h["size_mb"] >= 1 else f"{h['size_mb']:.2f} MB"
@@ -253,6 +256,7 @@ def plot_sizes(rep: dict, plt) -> str:
             note += f"  ·  {h['smaller_vs_bert_base_fp32']:.1f}× smaller"
         ax.annotate(note, (h["size_mb"], y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8, color="#39424e")
     ax.set_xlim(min(vals) / 1.5, max(vals) * 8)
+    _log_axis(ax.xaxis)
     ax.set_xlabel("model weights on disk (MB, log)")
     ax.set_title("Size")
     return _svg(fig)
@@ -486,7 +490,7 @@ dt { color: var(--muted); } dd { margin: 0; }
 details summary { cursor: pointer; color: var(--muted); margin: 8px 0; }
 footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 code, pre { font-family: "JetBrains Mono", Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: 12px; }
-pre { background: #1f2933; color: #e8edf3; padding: 12px 14px; border-radius: 10px; overflow-x: auto; }
+pre { background: #1f2933; color: #e8edf3; padding: 12px 14px; border-radius: 10px; white-space: pre-wrap; overflow-wrap: anywhere; }
 @media (max-width: 900px) { .kpis { grid-template-columns: 1fr 1fr; } .plots { grid-template-columns: 1fr; } }
 """
 
@@ -565,7 +569,7 @@ batch 1; peak RSS Δ is the rise of the process's resident memory over it.</p></
 {% for k, v in hw_items %}<dt>{{ k }}</dt><dd>{{ v }}</dd>{% endfor %}
 <dt>threads</dt><dd>{{ threads }}</dd>
 <dt>method</dt><dd>{{ method }}</dd>
-{% for k, v in rep.versions.items() %}<dt>{{ k }}</dt><dd>{{ v }}</dd>{% endfor %}
+<dt>versions</dt><dd>{% for k, v in rep.versions.items() %}{{ k }} <b>{{ v }}</b>{% if not loop.last %} · {% endif %}{% endfor %}</dd>
 </dl>
 {% if rep.skipped %}<details><summary>{{ rep.skipped|length }} skipped measurement(s)</summary><ul>
 {% for s in rep.skipped %}<li>{{ s.artifact }} on {{ s.device }}{% if s.seq_len %} (b{{ s.batch_size }} s{{ s.seq_len }}){% endif %}: {{ s.reason }}</li>{% endfor %}
@@ -623,14 +627,18 @@ def render_html(rep: dict, plots: dict[str, str]) -> str:
     method = (f"artifacts take turns in {cfg.get('slice_seconds')} s slices (round robin) after {cfg.get('warmup')} warm-up calls, "
               f"until each has ≥ {cfg.get('min_iters')} calls and ≥ {cfg.get('min_seconds')} s per grid point; "
               "full-length random token sequences, no padding")
-    hw_items = [(k, ", ".join(map(str, v)) if isinstance(v, list) else v) for k, v in hw.items()]
+    hw_items = [(k.replace("_", " "), (", ".join(map(str, v)) or "none") if isinstance(v, list) else ("none" if v is None else v))
+                for k, v in hw.items()]
+    t = rep["threads"]
+    threads = (f"{t.get('intra_op')} intra-op (torch {t.get('torch_num_threads')}, ONNX Runtime {t.get('intra_op')}), "
+               f"ONNX Runtime inter-op {t.get('ort_inter_op')}" + "".join(f", {k}={v}" for k, v in (t.get("env") or {}).items()))
     env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(TEMPLATE).render(
         rep=rep, ref=ref, hw=hw, css=CSS, kpis=kpis, columns=[c[1] for c in HEADLINE_COLUMNS], headline=headline,
         plots=[{"id": k, "svg": v, "caption": captions[k]} for k, v in plots.items()], grid=grid, arts=arts,
         cold_method=" and ".join(sorted(methods)).replace("subprocess", "in a fresh process").replace("inprocess", "in the bench process"),
         lineage=[{"name": a["name"], "chain": _lineage_chain(a)} for a in rep["artifacts"]],
-        hw_items=hw_items, threads=json.dumps(rep["threads"]), method=method)
+        hw_items=hw_items, threads=threads, method=method)
 
 
 def build_report(bench: dict[str, Any], out_dir: str | Path, cfg: ReportConfig | None = None) -> dict[str, Any]:

@@ -197,7 +197,8 @@ def test_cli_bench_and_report(models, tmp_path, capsys):
     assert main(["report", "--bench", str(out), "--out", str(tmp_path / "report")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["final"] == "my-student" and printed["ratios"]["latency_b1_vs_bert_base_torch_fp32"] > 0
-    assert data["command"] in (tmp_path / "report" / "report.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert data["command"] in md and f"bertforge report --bench {out}" in md
 
     assert main(["report", "--bench", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r2")]) == 2
     assert main(["bench", "--models", str(tmp_path / "nope"), "--out", str(tmp_path / "b2.json")]) == 2

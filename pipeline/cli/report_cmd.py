@@ -17,7 +17,12 @@ def run(args):
     from pipeline.bench import read_bench
     from pipeline.report import ReportConfig, build_report
 
-    rep = build_report(read_bench(args.bench), args.out, ReportConfig(final=args.final, teacher=args.teacher, device=args.device))
+    bench = read_bench(args.bench)
+    command = " ".join(["bertforge report --bench", args.bench, "--out", args.out]
+                       + [f"--{k} {getattr(args, k)}" for k in ("final", "teacher", "device") if getattr(args, k)])
+    if bench.get("command"):
+        command = bench["command"] + "\n" + command
+    rep = build_report(bench, args.out, ReportConfig(final=args.final, teacher=args.teacher, device=args.device, command=command))
     out = Path(args.out)
     print_json({"report": [str(out / f) for f in ("report.md", "report.html", "report.json")], "final": rep["final"],
                 "teacher": rep["teacher"], "final_score": rep["final_score"], "teacher_score": rep["teacher_score"],
