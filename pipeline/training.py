@@ -81,7 +81,12 @@ class TrainLoop:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-        self.modules, self.optimizer, self.scheduler = self.accelerator.prepare(modules, optimizer, scheduler)
+        # Recipes call their models directly (not through a DDP wrapper), so gradients are averaged across
+        # processes explicitly in `_train_step`. The scheduler is not prepared: accelerate would step it
+        # once per process, and the batches are already sharded here.
+        self.modules = modules.to(self.accelerator.device)
+        self.optimizer = self.accelerator.prepare(optimizer)
+        self.scheduler = scheduler
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": None, "total_steps": total}
 
     @property
@@ -172,6 +177,10 @@ class TrainLoop:
         with self.accelerator.autocast():
             parts = self.loss_fn(batch)
         self.accelerator.backward(parts["loss"])
+        if self.accelerator.num_processes > 1:
+            for p in self.modules.parameters():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         if self.cfg.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.modules.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
