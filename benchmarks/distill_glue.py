@@ -72,12 +72,18 @@ def schedule_for(task: str, args) -> dict:
     return s
 
 
+def row_method(task: str, method: str, args) -> str:
+    """The row's method name: `tinybert+aug` when the task trains on an augmented file."""
+    return f"{method}+aug" if args.train_file.get(task) else method
+
+
 def run_one(task: str, method: str, student: str, args) -> dict:
     teacher = RESULTS / "teachers" / task
     t_manifest = read_manifest(teacher)
     if t_manifest is None or t_manifest.stage != "finetune":
         raise BertforgeError(f"no fine-tuned teacher in {teacher}: run benchmarks/finetune_teachers.py first")
-    out = RESULTS / "students" / task / f"{method}-{student}"
+    label = row_method(task, method, args)
+    out = RESULTS / "students" / task / f"{label}-{student}"
     sched = schedule_for(task, args)
     cfg = DistillConfig(
         stage="task", teacher=str(teacher), out=str(out), method=method, student=STUDENTS[student](), task=task,
@@ -92,7 +98,7 @@ def run_one(task: str, method: str, student: str, args) -> dict:
     wall = time.perf_counter() - start
     student_score = manifest.metrics["dev"]["score"]
     return {
-        "task": task, "method": method, "student": student,
+        "task": task, "method": label, "student": student,
         "teacher_score": round(t_manifest.score, 4), "student_score": round(student_score, 4),
         "retention": round(student_score / t_manifest.score, 4) if t_manifest.score else None,
         "params": manifest.num_parameters, "teacher_params": t_manifest.num_parameters,
@@ -137,7 +143,7 @@ def main() -> None:
         task = get_task(name).name
         for student in args.students:
             for method in args.methods:
-                if (task, method, student) in done:
+                if (task, row_method(task, method, args), student) in done:
                     print(f"skip {task} {method} {student}: already in {path}")
                     continue
                 try:
@@ -151,7 +157,7 @@ def main() -> None:
                       f"(retention {row['retention']}) in {row['wall_s']:.0f}s")
     table = [r for r in rows if r["task"] in args.tasks]
     for method in args.methods:
-        kept = [r["retention"] for r in table if r["method"] == method and r["retention"] is not None]
+        kept = [r["retention"] for r in table if r["method"] in (method, method + "+aug") and r["retention"] is not None]
         if kept:
             print(f"{method}: average retention {sum(kept) / len(kept):.4f} over {len(kept)} rows")
 
