@@ -72,7 +72,9 @@ class TrainLoop:
         self.ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
         self.run_config = run_config or {}
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-        self.steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size / self.accelerator.num_processes)
+        # Every process must take the same number of steps: each step ends in a collective (the gradient
+        # average), so a process with one batch more than the others would wait for them forever.
+        self.steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size) // self.accelerator.num_processes
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         total = self.steps_per_epoch * cfg.epochs
@@ -201,7 +203,9 @@ class TrainLoop:
             self.state["best_score"] = score
             if self.save_best_fn:
                 self.save_best_fn(score)
-        tqdm.write(f"[{self.desc}] step {self.state['global_step']}: dev score {score:.4f} (best {self.state['best_score']:.4f})")
+        if score is not None:  # only the main process evaluates
+            tqdm.write(f"[{self.desc}] step {self.state['global_step']}: dev score {score:.4f} "
+                       f"(best {self.state['best_score']:.4f})")
 
     def finish(self) -> None:
         """Remove the resume state once the final artifact is written."""
