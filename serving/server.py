@@ -71,7 +71,11 @@ def serve_in_thread(model_dir: str | Path, config: ServeConfig, ready_timeout: f
     import urllib.request
 
     sock = bind(config.host, config.port)
-    server = build_server(model_dir, config, runtime)
+    try:
+        server = build_server(model_dir, config, runtime)
+    except BaseException:
+        sock.close()  # a model that fails to load must not leave the port bound
+        raise
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="bertforge-serve", daemon=True)
     thread.start()
     host = f"[{config.host}]" if ":" in config.host else config.host
