@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from pipeline.artifacts import Manifest
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.kd import _task, kd_loss, train_with_teacher
+from pipeline.distill.common import require_task
+from pipeline.distill.kd import kd_loss, train_with_teacher
 from pipeline.errors import BertforgeError
 
 
@@ -44,7 +45,7 @@ def difficulty_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Manifest:
-    task = _task(cfg)
+    task = require_task(cfg)
     if task.is_regression:
         raise BertforgeError("method difficulty weighs examples by the entropy of a class prediction: "
                              f"{task.name} is a regression task (use kd)")

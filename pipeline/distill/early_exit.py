@@ -33,7 +33,8 @@ from transformers import BertForSequenceClassification
 from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
 from pipeline.data import Collator, EncodedDataset, compute_metrics, dev_split, eval_loader, load_glue, logits_to_predictions
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.kd import _task, options_from, teacher_score
+from pipeline.distill.common import (check_fresh_or_resume, load_teacher, options_from, require_task, run_config,
+                                     teacher_score)
 from pipeline.errors import BertforgeError
 from pipeline.finetune import load_train_examples
 from pipeline.models import count_parameters, load_tokenizer
@@ -185,18 +186,16 @@ def speed_accuracy_curve(model: EarlyExitBert, tokenizer, task: str, examples, t
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Manifest:
     """Train exits for the fine-tuned classifier `cfg.teacher` (self-distillation; `cfg.loop` settings),
     save it with them to `cfg.out`, and put the speed/accuracy curve on dev in the manifest."""
-    from pipeline.distill.transformer import _check_fresh_or_resume, _run_config, load_teacher
-
     start = time.perf_counter()
     opts = options_from(EarlyExitOptions, cfg.method_options, cfg.method)
     thresholds = parse_thresholds(opts.thresholds)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    task = _task(cfg)
+    task = require_task(cfg)
     if task.is_regression:
         raise BertforgeError(f"early exit decides by the entropy of a class prediction: {task.name} is a regression task")
     out = prepare_output_dir(cfg.out)
-    _check_fresh_or_resume(out, resume)
+    check_fresh_or_resume(out, resume)
     max_length = cfg.max_length or task.default_max_length
     train = load_train_examples(task.name, cfg.glue_dir, cfg.train_file, cfg.max_train_examples)
     dev = load_glue(task.name, dev_split(task), cfg.glue_dir)
@@ -205,7 +204,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     torch.manual_seed(cfg.loop.seed)
     model = EarlyExitBert(backbone, opts.branch_hidden)
     dataset = EncodedDataset(train, tokenizer, max_length)
-    run_config = _run_config(cfg)
+    fingerprint = run_config(cfg)
 
     def loss_fn(batch):
         batch.pop("idx")
@@ -213,7 +212,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
         return model.self_distillation_loss(batch)
 
     loop = TrainLoop(cfg.loop, model, dataset, Collator(tokenizer, task.is_regression), loss_fn, out,
-                     desc=f"early-exit {task.name}: self-distillation", run_config=run_config, progress=progress)
+                     desc=f"early-exit {task.name}: self-distillation", run_config=fingerprint, progress=progress)
     loop.run(resume=resume)
     model = loop.accelerator.unwrap_model(loop.modules).eval()
     model.save_pretrained(out, tokenizer)
@@ -221,7 +220,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     full = curve[0]["metrics"]
     manifest = write_manifest(out, Manifest(
         stage="distill", task=task.name, parent=cfg.teacher, seed=cfg.loop.seed,
-        params={**run_config, "early_exit": asdict(opts), "max_length": max_length, "train_examples": len(train),
+        params={**fingerprint, "early_exit": asdict(opts), "max_length": max_length, "train_examples": len(train),
                 "teacher_score": teacher_score(cfg.teacher)},
         metrics={dev_split(task): full, "dev": full, "early_exit_curve": curve},
         num_parameters=count_parameters(model), wall_s=round(time.perf_counter() - start, 1),

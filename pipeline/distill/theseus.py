@@ -33,7 +33,8 @@ from transformers import BertForSequenceClassification
 from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
 from pipeline.data import Collator, EncodedDataset, dev_split, load_glue
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.kd import BestDev, _task, default_student, options_from, teacher_score
+from pipeline.distill.common import (BestDev, check_fresh_or_resume, default_student, load_teacher, options_from,
+                                     require_task, run_config, teacher_score)
 from pipeline.distill.mapping import layer_mapping
 from pipeline.distill.students import teacher_layer_subset
 from pipeline.errors import BertforgeError
@@ -117,17 +118,15 @@ class TheseusModel(nn.Module):
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Manifest:
-    from pipeline.distill.transformer import _check_fresh_or_resume, _run_config, load_teacher
-
     start = time.perf_counter()
     opts = options_from(TheseusOptions, cfg.method_options, cfg.method)
     if opts.replacing_rate is not None and not 0.0 < opts.replacing_rate <= 1.0:
         raise BertforgeError(f"theseus: a constant replacing rate must lie in (0, 1], got {opts.replacing_rate}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    task = _task(cfg)
+    task = require_task(cfg)
     out = prepare_output_dir(cfg.out)
-    _check_fresh_or_resume(out, resume)
+    check_fresh_or_resume(out, resume)
     max_length = cfg.max_length or task.default_max_length
     train = load_train_examples(task.name, cfg.glue_dir, cfg.train_file, cfg.max_train_examples)
     dev = load_glue(task.name, dev_split(task), cfg.glue_dir)
@@ -142,7 +141,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     init_layers = teacher_layer_subset(teacher.config.num_hidden_layers, cfg.student.init_from_teacher)
     dataset = EncodedDataset(train, tokenizer, max_length)
     collator = Collator(tokenizer, task.is_regression)
-    run_config = _run_config(cfg)
+    fingerprint = run_config(cfg)
 
     # Phase 1: module replacing. Its result stays in OUT/checkpoints/replacing/successor until the end,
     # so --resume after a kill in phase 2 does not replay it.
@@ -160,7 +159,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
             return {"loss": theseus(**batch).loss, "p": torch.tensor(theseus.rate)}
 
         loop = TrainLoop(cfg.loop, theseus, dataset, collator, replacing_loss, work,
-                         desc=f"theseus {task.name}: replacing", run_config={**run_config, "phase": "replacing"},
+                         desc=f"theseus {task.name}: replacing", run_config={**fingerprint, "phase": "replacing"},
                          progress=progress)
         loop.run(resume=resume)
         final_rate = theseus.rate
@@ -181,12 +180,12 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     best_dev = BestDev(student, tokenizer, task, dev, max_length, cfg.eval_batch_size, out)
     phase2 = dataclasses.replace(cfg.loop, epochs=opts.successor_epochs or cfg.loop.epochs)
     loop = TrainLoop(phase2, student, dataset, collator, loss_fn, out, best_dev.evaluate, best_dev.save,
-                     desc=f"theseus {task.name}: successor", run_config={**run_config, "phase": "successor"},
+                     desc=f"theseus {task.name}: successor", run_config={**fingerprint, "phase": "successor"},
                      progress=progress)
     best = loop.run(resume=resume)
     manifest = write_manifest(out, Manifest(
         stage="distill", task=task.name, parent=cfg.teacher, seed=cfg.loop.seed,
-        params={**run_config, "theseus": dataclasses.asdict(opts), "successor_init_layers": init_layers,
+        params={**fingerprint, "theseus": dataclasses.asdict(opts), "successor_init_layers": init_layers,
                 "modules": [[i + 1 for i in g] for g in groups],
                 "max_length": max_length, "train_examples": len(train), "best_dev_score": best,
                 "final_replacing_rate": final_rate, "successor_epochs": phase2.epochs,

@@ -15,26 +15,26 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
-from pipeline.artifacts import Manifest, prepare_output_dir, read_manifest, write_manifest
+from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
 from pipeline.data import Collator, EncodedDataset, Example, dev_split, get_task, load_glue
 from pipeline.data.tasks import TaskSpec
 from pipeline.distill.capture import ScoreCapture, run_with_internals
+from pipeline.distill.common import (BestDev, TeacherLogits, check_fresh_or_resume, load_teacher, run_config,
+                                     student_note, teacher_score)
 from pipeline.distill.config import GENERAL_MAX_LENGTH, DistillConfig
 from pipeline.distill.losses import prediction_loss, transformer_loss
 from pipeline.distill.mapping import layer_mapping
-from pipeline.distill.students import build_student, teacher_layer_subset
+from pipeline.distill.students import build_student
 from pipeline.errors import BertforgeError
-from pipeline.evaluate import evaluate, label_permutation
 from pipeline.finetune import load_train_examples
-from pipeline.inference import TorchClassifier
-from pipeline.models import count_parameters, load_classifier, load_tokenizer, resolve_model
+from pipeline.models import count_parameters, load_tokenizer
 from pipeline.training import CHECKPOINT_DIR, LoopConfig, TrainLoop, seed_everything
 
 INTERMEDIATE_DIR = "intermediate"
@@ -74,19 +74,6 @@ def _require_task_stage(cfg: DistillConfig) -> None:
 
 
 # -- shared pieces -------------------------------------------------------------------------------
-def load_teacher(name: str, task: TaskSpec | None):
-    """The teacher in eval mode without gradients: a fine-tuned classifier for a task, else an encoder."""
-    if task is not None:
-        teacher = load_classifier(name, task, require_head=True)
-    else:
-        try:
-            teacher = AutoModel.from_pretrained(resolve_model(name))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise BertforgeError(f"cannot load teacher from {name}: {str(e).splitlines()[0]}") from None
-    teacher.eval().requires_grad_(False)
-    return teacher
-
-
 def intermediate_loss_fn(student, teacher, projections: Projections, mapping: list[int], cfg: DistillConfig):
     """loss_fn for TrainLoop: embedding + hidden + attention losses of one batch.
 
@@ -104,28 +91,6 @@ def intermediate_loss_fn(student, teacher, projections: Projections, mapping: li
                                 batch["attention_mask"], cfg.weights)
 
     return loss_fn
-
-
-class TeacherLogits:
-    """The teacher's logits in the task's label order; cached per example when `cache` (the teacher
-    is frozen and in eval mode, so they are the same every epoch)."""
-
-    def __init__(self, teacher, task: TaskSpec, cache: bool):
-        self.teacher, self.cache = teacher, cache
-        self.perm = label_permutation(teacher.config, task)
-        self.store: dict[int, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, batch: dict, idx: torch.Tensor) -> torch.Tensor:
-        ids = idx.tolist()
-        if self.cache and all(i in self.store for i in ids):
-            return torch.stack([self.store[i] for i in ids])
-        logits = self.teacher(**batch).logits.float()
-        if self.perm:
-            logits = logits[:, self.perm]
-        if self.cache:
-            self.store.update(zip(ids, logits))
-        return logits
 
 
 def track_epoch_losses(loop: TrainLoop) -> None:
@@ -154,25 +119,6 @@ def epoch_loss_summary(loop: TrainLoop) -> dict:
     return {"first_epoch": means[min(means)], "last_epoch": means[max(means)], "epochs_seen": len(means)}
 
 
-def _run_config(cfg: DistillConfig, **extra) -> dict:
-    d = asdict(cfg)
-    for volatile in ("num_threads", "eval_batch_size"):
-        d.pop(volatile)
-    return {**d, **extra}
-
-
-def _check_fresh_or_resume(out: Path, resume: bool) -> None:
-    if (out / CHECKPOINT_DIR).exists() and not resume:
-        raise BertforgeError(f"{out} holds an unfinished run: pass --resume to continue it")
-
-
-def _student_layers_note(cfg: DistillConfig, teacher) -> dict:
-    desc = cfg.student.describe()
-    if cfg.student.init_from_teacher is not None:
-        desc["teacher_layers"] = teacher_layer_subset(teacher.config.num_hidden_layers, cfg.student.init_from_teacher)
-    return desc
-
-
 # -- general distillation ------------------------------------------------------------------------
 def read_corpus(path: str | None, max_examples: int | None) -> list[Example]:
     if not path:
@@ -192,7 +138,7 @@ def general_distillation(cfg: DistillConfig, resume: bool = False, progress: boo
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = prepare_output_dir(cfg.out)
-    _check_fresh_or_resume(out, resume)
+    check_fresh_or_resume(out, resume)
     texts = read_corpus(cfg.corpus, cfg.max_train_examples)
     teacher = load_teacher(cfg.teacher, None)
     tokenizer = load_tokenizer(cfg.teacher)
@@ -206,7 +152,7 @@ def general_distillation(cfg: DistillConfig, resume: bool = False, progress: boo
 
     loop = TrainLoop(cfg.loop, modules, dataset, Collator(tokenizer, regression=False),
                      intermediate_loss_fn(student, teacher, projections, mapping, cfg), out,
-                     desc="general distillation", run_config=_run_config(cfg), progress=progress)
+                     desc="general distillation", run_config=run_config(cfg), progress=progress)
     track_epoch_losses(loop)
     teacher.to(loop.device)
     loop.run(resume=resume)
@@ -216,7 +162,7 @@ def general_distillation(cfg: DistillConfig, resume: bool = False, progress: boo
         tokenizer.save_pretrained(out)
     manifest = write_manifest(out, Manifest(
         stage="distill", task=None, parent=cfg.teacher, seed=cfg.loop.seed,
-        params={**_run_config(cfg), "stage": "general", "student": _student_layers_note(cfg, teacher),
+        params={**run_config(cfg), "stage": "general", "student": student_note(cfg, teacher),
                 "layer_mapping": mapping, "max_length": max_length, "train_examples": len(texts),
                 "train_loss": epoch_loss_summary(loop),
                 "schedule": {"epochs": cfg.loop.epochs, "learning_rate": cfg.loop.learning_rate,
@@ -248,7 +194,7 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
         raise BertforgeError("task distillation needs --task")
     task = get_task(cfg.task)
     out = prepare_output_dir(cfg.out)
-    _check_fresh_or_resume(out, resume)
+    check_fresh_or_resume(out, resume)
     max_length = cfg.max_length or task.default_max_length
     schedule = task_schedule(cfg, task)
 
@@ -259,18 +205,18 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
     tokenizer = load_tokenizer(cfg.teacher)
     seed_everything(cfg.loop.seed)
     student = build_student(cfg.student, teacher, tokenizer, task)
-    student_note = _student_layers_note(cfg, teacher)
+    note = student_note(cfg, teacher)
     mapping = None
     if "intermediate" in steps:
         mapping = layer_mapping(teacher.config.num_hidden_layers, student.config.num_hidden_layers, cfg.mapping)
     dataset = EncodedDataset(train, tokenizer, max_length)
     collator = Collator(tokenizer, task.is_regression)
-    run_config = _run_config(cfg, steps=list(steps))
+    fingerprint = run_config(cfg, steps=list(steps))
 
     train_loss = {}
     if "intermediate" in steps:
         student, train_loss["intermediate"] = _intermediate_step(
-            cfg, schedule["intermediate"], student, teacher, mapping, dataset, collator, out, resume, progress, run_config)
+            cfg, schedule["intermediate"], student, teacher, mapping, dataset, collator, out, resume, progress, fingerprint)
 
     last = steps[-1]
     targets = TeacherLogits(teacher, task, cfg.cache_teacher) if last == "prediction" else None
@@ -285,41 +231,26 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
         loss = prediction_loss(student(**batch).logits, targets(batch, idx), cfg.temperature, task.is_regression)
         return {"loss": cfg.weights.prediction * loss, "prediction": loss}
 
-    def evaluate_fn():
-        result = evaluate("student", task.name, runtime=TorchClassifier.from_model(student, tokenizer),
-                          max_length=max_length, batch_size=cfg.eval_batch_size, progress=False, examples=dev)
-        evaluate_fn.metrics = result.metrics
-        return result.metrics["score"]
-
-    def save_best(score):
-        student.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        save_best.metrics = dict(evaluate_fn.metrics)
-
-    loop = TrainLoop(schedule[last], student, dataset, collator, loss_fn, out, evaluate_fn, save_best,
-                     desc=f"{cfg.method} {task.name}: {last}", run_config={**run_config, "step": last},
+    best_dev = BestDev(student, tokenizer, task, dev, max_length, cfg.eval_batch_size, out)
+    loop = TrainLoop(schedule[last], student, dataset, collator, loss_fn, out, best_dev.evaluate, best_dev.save,
+                     desc=f"{cfg.method} {task.name}: {last}", run_config={**fingerprint, "step": last},
                      progress=progress)
     track_epoch_losses(loop)
     if targets is not None:
         targets.teacher.to(loop.device)
     best = loop.run(resume=resume)
     train_loss[last] = epoch_loss_summary(loop)
-    metrics = getattr(save_best, "metrics", None)
-    if metrics is None:  # resumed after the best was saved: score the saved best again
-        metrics = evaluate(str(out), task.name, max_length=max_length, batch_size=cfg.eval_batch_size,
-                           progress=False, examples=dev).metrics
-    teacher_manifest = read_manifest(cfg.teacher) if Path(cfg.teacher).is_dir() else None
     manifest = write_manifest(out, Manifest(
         stage="distill", task=task.name, parent=cfg.teacher, seed=cfg.loop.seed,
-        params={**run_config, "student": student_note,
+        params={**fingerprint, "student": note,
                 "layer_mapping": mapping,
                 "max_length": max_length, "train_examples": len(train), "best_dev_score": best,
                 "train_loss": train_loss,
-                "teacher_score": teacher_manifest.score if teacher_manifest else None,
+                "teacher_score": teacher_score(cfg.teacher),
                 "schedule": {s: {"epochs": schedule[s].epochs, "learning_rate": schedule[s].learning_rate,
                                  "batch_size": schedule[s].batch_size,
                                  "max_steps_per_epoch": schedule[s].max_steps_per_epoch} for s in steps}},
-        metrics={dev_split(task): metrics, "dev": metrics},
+        metrics=best_dev.metrics_for_manifest(),
         num_parameters=count_parameters(student), wall_s=round(time.perf_counter() - start, 1),
     ))
     loop.finish()
@@ -327,7 +258,7 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
 
 
 def _intermediate_step(cfg, loop_cfg, student, teacher, mapping, dataset, collator, out: Path, resume, progress,
-                       run_config) -> tuple[BertForSequenceClassification, dict]:
+                       fingerprint) -> tuple[BertForSequenceClassification, dict]:
     """Step 1; returns the student after it (reloaded from disk when an earlier run finished the step)
     and the step's loss summary."""
     work = out / CHECKPOINT_DIR / INTERMEDIATE_DIR
@@ -339,7 +270,7 @@ def _intermediate_step(cfg, loop_cfg, student, teacher, mapping, dataset, collat
     modules = nn.ModuleDict({"student": student, "projections": projections})
     loop = TrainLoop(loop_cfg, modules, dataset, collator,
                      intermediate_loss_fn(student, teacher, projections, mapping, cfg), work,
-                     desc=f"{cfg.method} {cfg.task}: intermediate", run_config={**run_config, "step": "intermediate"},
+                     desc=f"{cfg.method} {cfg.task}: intermediate", run_config={**fingerprint, "step": "intermediate"},
                      progress=progress)
     track_epoch_losses(loop)
     teacher.to(loop.device)
