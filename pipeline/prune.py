@@ -247,7 +247,8 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Mani
     task = get_task(cfg.task)
     if not (cfg.heads or cfg.ffn or cfg.target_params or cfg.unstructured):
         raise BertforgeError("nothing to prune: give --heads, --ffn, --target-params or --unstructured")
-    if read_manifest(cfg.model) and read_manifest(cfg.model).format != "pytorch":
+    parent = read_manifest(cfg.model)
+    if parent and parent.format != "pytorch":
         raise BertforgeError(f"{cfg.model} is an ONNX artifact: prune the PyTorch model, then export")
     max_length = cfg.max_length or task.default_max_length
     tokenizer = load_tokenizer(cfg.model)
@@ -302,10 +303,8 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Mani
 
 def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, resume, progress) -> dict:
     """Prediction-layer distillation from the unpruned model (soft cross-entropy to its logits)."""
-    try:
-        from pipeline.distill.losses import prediction_loss
-    except ImportError:  # the distill stage is optional for pruning
-        prediction_loss = _soft_cross_entropy
+    from pipeline.distill.losses import prediction_loss
+
     train = train[:cfg.max_train_examples] if cfg.max_train_examples else train
     dataset = EncodedDataset(train, tokenizer, max_length)
     loop_cfg = LoopConfig(**{**asdict(cfg.loop), "epochs": cfg.recover_epochs})
@@ -325,21 +324,14 @@ def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, 
         _save(model, tokenizer, out)
         save_best.metrics = dict(evaluate_fn.metrics)
 
-    teacher.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     loop = TrainLoop(loop_cfg, model, dataset, Collator(tokenizer, task.is_regression), loss_fn, out, evaluate_fn,
                      save_best, desc=f"prune-recover {task.name}", run_config=_run_config(cfg), progress=progress)
+    teacher.to(loop.device)
     loop.run(resume=resume)
     metrics = getattr(save_best, "metrics", None)
     if metrics is None:  # resumed after the best was saved
         metrics = _eval_metrics(load_model(str(out)), tokenizer, task, dev, max_length, cfg.eval_batch_size)
     return {"dev": metrics}
-
-
-def _soft_cross_entropy(student_logits, teacher_logits, temperature=1.0):
-    if student_logits.shape[-1] == 1:
-        return torch.nn.functional.mse_loss(student_logits.view(-1), teacher_logits.view(-1))
-    t = torch.softmax(teacher_logits / temperature, dim=-1)
-    return -(t * torch.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
 
 
 def _save(model, tokenizer, out: Path) -> None:

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from pipeline.cli import main
 from pipeline.data import Collator, EncodedDataset, eval_loader, load_glue
 from pipeline.errors import BertforgeError
-from pipeline.models import load_tokenizer
+from pipeline.models import count_parameters, load_tokenizer
 from pipeline.prune import (PruneConfig, ffn_sizes, head_counts, load_model, prune, select_units, unit_importance)
 from pipeline.training import LoopConfig
 
@@ -89,7 +89,9 @@ def test_recovery_distillation_and_unstructured(tiny_bert, glue_dir, tmp_path):
                    max_train_examples=64), progress=False)
     assert "dev" in m.metrics and "dev_before_recovery" in m.metrics
     assert not (tmp_path / "rec" / "checkpoints").exists()
-    assert load_model(str(tmp_path / "rec")) is not None
+    reloaded = load_model(str(tmp_path / "rec"))
+    assert head_counts(reloaded) == m.params["after"]["heads"] and ffn_sizes(reloaded) == m.params["after"]["ffn"]
+    assert count_parameters(reloaded) == m.num_parameters < m.params["before"]["params"]
 
     u = prune(_cfg(tiny_bert, tmp_path / "sparse", glue_dir, unstructured=0.9), progress=False)
     assert u.params["encoder_linear_sparsity"] == pytest.approx(0.9, abs=0.01)
