@@ -59,6 +59,7 @@ class AugmentStage:
 
 @dataclass
 class DistillStage:
+    student: str | None = None  # an already distilled student folder: the stage is not run
     method: str = "tinybert"
     student_config: str | None = None  # named config or CONFIG.json (random init, or from the general stage)
     init_from_teacher: str | None = "3"  # teacher layers the student starts from, when no general stage
@@ -266,6 +267,10 @@ class Run:
         from pipeline.training import LoopConfig
 
         d = self.cfg.distill
+        if d.student:
+            if read_manifest(d.student) is None:
+                raise BertforgeError(f"distill.student {d.student} is not a bertforge artifact (no bertforge.json)")
+            return Path(d.student)
         if general is not None:
             student = StudentSpec(pretrained=str(general))
         elif d.student_config:
