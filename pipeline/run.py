@@ -80,6 +80,7 @@ class PruneStage:
     per_layer: bool = False
     recover_epochs: int = 1
     learning_rate: float = 5e-5
+    max_train_examples: int | None = None  # rows of the recovery distillation (None: the whole train split)
 
 
 @dataclass
@@ -301,7 +302,7 @@ class Run:
         def work(out, resume):
             prune(PruneConfig(model=str(student), task=self.cfg.task, out=str(out), glue_dir=self.glue_dir,
                               heads=p.heads, ffn=p.ffn, per_layer=p.per_layer, recover_epochs=p.recover_epochs,
-                              max_length=self.cfg.max_length,
+                              max_train_examples=p.max_train_examples, max_length=self.cfg.max_length,
                               loop=LoopConfig(epochs=max(p.recover_epochs, 1), learning_rate=p.learning_rate,
                                               seed=self.cfg.seed)),
                   resume=resume, progress=self.progress)
