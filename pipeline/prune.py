@@ -31,7 +31,7 @@ from pipeline.data import Collator, EncodedDataset, dev_split, eval_loader, get_
 from pipeline.errors import BertforgeError
 from pipeline.evaluate import evaluate
 from pipeline.inference import TorchClassifier
-from pipeline.models import count_parameters, load_config, load_tokenizer, resolve_model
+from pipeline.models import count_parameters, is_bertforge_pruned, load_config, load_tokenizer, resolve_model
 from pipeline.training import LoopConfig, TrainLoop
 
 MODELING_FILE = Path(__file__).with_name("modeling_pruned_bert.py")
@@ -64,10 +64,9 @@ class PruneConfig:
 def load_model(path: str) -> torch.nn.Module:
     """A PyTorch classifier artifact, pruned with per-layer FFN widths or not."""
     path = resolve_model(path)
-    config = load_config(path)
-    remote = bool(getattr(config, "auto_map", None)) and (Path(path) / MODELING_FILE.name).is_file()
+    load_config(path)  # a clear error for a folder without a readable config
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=remote)
+        return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=is_bertforge_pruned(path))
     except Exception as e:  # OSError, safetensors' own errors for corrupt files, size mismatches
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BertforgeError(f"cannot load model weights from {path}: {first[:200]}") from None
