@@ -10,8 +10,18 @@ def add_parser(sub):
 
 
 def run(args):
+    from pipeline.artifacts import read_manifest
     from pipeline.run import load_run_config, run_pipeline
 
     cfg = load_run_config(args.config, args.set)
     made = run_pipeline(cfg)
-    print_json({name: str(path) for name, path in made.items()})
+    summary = {}
+    for name, path in made.items():
+        manifest = read_manifest(path) if path.is_dir() else None
+        summary[name] = {"path": str(path)}
+        if manifest is not None:
+            summary[name].update(format=manifest.format, precision=manifest.precision, dev_score=manifest.score,
+                                 size_mb=round(manifest.size_bytes / 1e6, 1))
+    if "report" in made:
+        summary["report"]["html"] = str(made["report"] / "report.html")
+    print_json(summary)
