@@ -2,7 +2,7 @@
 # (the whole pipeline included).
 #
 #   docker build -t bertforge .
-#   docker run --rm -p 8080:8080 -v "$PWD/runs/quickstart/final:/model:ro" bertforge
+#   docker run --rm -p 8080:8080 -v "$PWD/runs/quickstart/int8:/model:ro" bertforge
 #   curl -s localhost:8080/predict -H 'content-type: application/json' -d '{"inputs": "a gripping film"}'
 #   docker run --rm -v "$PWD/runs:/work/runs" bertforge bertforge run --config /app/configs/quickstart.yaml
 #
