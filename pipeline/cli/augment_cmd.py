@@ -12,6 +12,9 @@ def add_parser(sub):
     p.add_argument("--input-file", default=None, help="TSV in the task's layout instead of GLUE train")
     p.add_argument("--out", required=True, help="the augmented TSV")
     p.add_argument("--mlm", default=None, help="masked LM (hub id or folder) for single-piece words")
+    p.add_argument("--mlm-head-on", default=None, metavar="ENCODER",
+                   help="no masked LM at hand: fit a masked-LM head on this frozen BERT encoder over the task's text")
+    p.add_argument("--mlm-head-steps", type=int, default=600, help="training steps of that head")
     p.add_argument("--glove", default=None, help="GloVe text file (default: packaged glove.6B 50-d)")
     p.add_argument("--p", type=float, default=0.4, help="probability of replacing a candidate word")
     p.add_argument("--k", type=int, default=15, help="candidates per word")
@@ -29,6 +32,7 @@ def run(args):
     from pipeline.distill.augment import AugmentConfig, augment_dataset
 
     cfg = AugmentConfig(task=args.task, out=args.out, glue_dir=args.glue_dir, input_file=args.input_file, mlm=args.mlm,
+                        mlm_head_on=args.mlm_head_on, mlm_head_steps=args.mlm_head_steps,
                         glove=args.glove, p=args.p, k=args.k, n=args.n, seed=args.seed, batch_size=args.batch_size,
                         max_length=args.max_length, max_examples=args.max_examples, device=args.device,
                         num_threads=args.threads)

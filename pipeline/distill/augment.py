@@ -64,6 +64,10 @@ class AugmentConfig:
     glue_dir: str | None = None
     input_file: str | None = None  # a TSV in the task's layout instead of GLUE train
     mlm: str | None = None  # masked LM (hub id or folder); None: GloVe candidates for every word
+    # Or fit a masked-LM head on this frozen BERT encoder over the input's own text, and use that
+    # (pipeline/distill/mlm_head.py); the head is kept beside the output as OUT.mlm/.
+    mlm_head_on: str | None = None
+    mlm_head_steps: int = 600
     glove: str | None = None  # GloVe text file; None: the packaged glove.6B 50-d
     p: float = 0.4  # probability of replacing a candidate word
     k: int = 15  # candidates per word
@@ -124,8 +128,10 @@ class Augmenter:
             raise BertforgeError(f"{name}'s tokenizer has no mask token: not a masked language model")
         vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
         special = set(tok.all_special_ids)
-        # Whole alphabetic words only: no sub-word pieces, punctuation, [unusedN] or special tokens.
-        allowed = torch.tensor([t.isalpha() and i not in special for i, t in enumerate(vocab)])
+        # Whole alphabetic words only: no sub-word pieces, punctuation, [unusedN] or special tokens, and no
+        # stopwords (a weak masked LM ranks "the", "he", "to" first anywhere; a replacement by one rarely
+        # keeps the label; the official script allows them).
+        allowed = torch.tensor([is_candidate_word(t) and i not in special for i, t in enumerate(vocab)])
         size = self.model.get_output_embeddings().weight.shape[0]
         bias = torch.full((size,), float("-inf"))
         bias[:len(allowed)][allowed[:size]] = 0.0
@@ -272,10 +278,21 @@ def augment_dataset(cfg: AugmentConfig, progress: bool = True) -> dict:
         examples = examples[:cfg.max_examples]
     if any(ex.label is None for ex in examples):
         raise BertforgeError("the input has unlabeled rows: augmentation keeps labels, it needs them")
-    augmenter = Augmenter(load_glove(cfg.glove), cfg.mlm, cfg.p, cfg.k, cfg.n, cfg.seed, cfg.batch_size,
-                          cfg.max_length, cfg.device)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    mlm, head = cfg.mlm, None
+    if cfg.mlm_head_on:
+        if cfg.mlm:
+            raise BertforgeError("give a masked LM (--mlm) or an encoder to fit a head on (--mlm-head-on), not both")
+        from pipeline.distill.mlm_head import MANIFEST, MlmHeadConfig, fit_mlm_head
+
+        texts = [ex.text_a for ex in examples] + [ex.text_b for ex in examples if ex.text_b]
+        head_cfg = MlmHeadConfig(encoder=cfg.mlm_head_on, out=str(out) + ".mlm", steps=cfg.mlm_head_steps,
+                                 seed=cfg.seed)
+        mlm = str(fit_mlm_head(head_cfg, texts, progress))
+        head = json.loads((Path(mlm) / MANIFEST).read_text())
+    augmenter = Augmenter(load_glove(cfg.glove), mlm, cfg.p, cfg.k, cfg.n, cfg.seed, cfg.batch_size,
+                          cfg.max_length, cfg.device)
     tmp = out.with_name(out.name + ".part")
     written = 0
     with open(out.with_name(out.name + ".tmp"), "w", encoding="utf-8", newline="") as dst, \
@@ -299,7 +316,8 @@ def augment_dataset(cfg: AugmentConfig, progress: bool = True) -> dict:
         "stage": "augment", "task": task.name, "file": out.name,
         "input": cfg.input_file or f"GLUE {task.name} train ({cfg.glue_dir or 'hub'})",
         "candidates": augmenter.sources,
-        "fallback": None if cfg.mlm else "no masked LM given: GloVe neighbours for every word",
+        "fallback": None if mlm else "no masked LM given: GloVe neighbours for every word",
+        "mlm_head": head and {k: head[k] for k in ("encoder", "texts", "first_loss", "last_loss", "wall_s")},
         "params": {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "num_threads")},
         "examples_in": len(examples), "examples_out": written, "mlm_forwards": augmenter.forwards,
         "wall_s": round(wall, 2), "examples_per_s": round(len(examples) / wall, 2) if wall else None,
