@@ -72,9 +72,40 @@ def schedule_for(task: str, args) -> dict:
     return s
 
 
+def method_budget(method: str, sched: dict, task: str, args) -> tuple[int, dict]:
+    """Epochs and options for the one-loop methods, so every row of a task trains as many epochs as
+    TinyBERT's two steps together: kd and difficulty run intermediate + prediction epochs at the
+    intermediate learning rate; theseus replaces modules for the intermediate epochs, with the slope
+    that brings p from 0.3 to 1 by their end (the paper's 0.0006 per step assumes far longer runs),
+    then trains the successor alone for the prediction epochs."""
+    total = sched["intermediate_epochs"] + sched["prediction_epochs"]
+    if method != "theseus":
+        return total, {}
+    from pipeline.data import load_glue
+
+    rows = sched["max_train_examples"] or len(load_glue(task, "train", args.glue_dir))
+    if args.train_file.get(task):
+        rows = sched["max_train_examples"] or sum(1 for _ in open(args.train_file[task], encoding="utf-8"))
+    steps = -(-rows // sched["batch_size"])
+    if sched["max_steps_per_epoch"]:
+        steps = min(steps, sched["max_steps_per_epoch"])
+    slope = round(0.7 / max(1, steps * sched["intermediate_epochs"]), 6)
+    return sched["intermediate_epochs"], {"slope": slope, "successor_epochs": sched["prediction_epochs"]}
+
+
 def row_method(task: str, method: str, args) -> str:
-    """The row's method name: `tinybert+aug` when the task trains on an augmented file."""
-    return f"{method}+aug" if args.train_file.get(task) else method
+    """The row's method name; with an augmented train file, `+aug-SOURCE` names its candidates source
+    (read from the manifest `bertforge augment` writes beside it): glove, mlm-head (fitted on a frozen
+    encoder) or mlm (a pretrained masked LM)."""
+    train_file = args.train_file.get(task)
+    if not train_file:
+        return method
+    manifest = Path(str(train_file) + ".json")
+    if not manifest.is_file():
+        return f"{method}+aug"
+    info = json.loads(manifest.read_text())
+    source = "mlm-head" if info.get("mlm_head") else "mlm" if info["candidates"]["single_piece"].startswith("masked-lm") else "glove"
+    return f"{method}+aug-{source}"
 
 
 def run_one(task: str, method: str, student: str, args) -> dict:
@@ -85,13 +116,15 @@ def run_one(task: str, method: str, student: str, args) -> dict:
     label = row_method(task, method, args)
     out = RESULTS / "students" / task / f"{label}-{student}"
     sched = schedule_for(task, args)
+    epochs, options = method_budget(method, sched, task, args)
     cfg = DistillConfig(
         stage="task", teacher=str(teacher), out=str(out), method=method, student=STUDENTS[student](), task=task,
         glue_dir=args.glue_dir, train_file=args.train_file.get(task), max_train_examples=sched["max_train_examples"],
         intermediate_epochs=sched["intermediate_epochs"], intermediate_lr=sched["intermediate_lr"],
         prediction_epochs=sched["prediction_epochs"], prediction_lr=sched["prediction_lr"], num_threads=args.threads,
-        loop=LoopConfig(batch_size=sched["batch_size"], max_steps_per_epoch=sched["max_steps_per_epoch"],
-                        checkpoint_every=50, seed=args.seed),
+        loop=LoopConfig(epochs=epochs, learning_rate=sched["intermediate_lr"], batch_size=sched["batch_size"],
+                        max_steps_per_epoch=sched["max_steps_per_epoch"], checkpoint_every=50, seed=args.seed),
+        method_options=options,
     )
     start = time.perf_counter()
     manifest = distill(cfg, resume=(out / "checkpoints").is_dir(), progress=not args.quiet)
@@ -103,7 +136,8 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         "retention": round(student_score / t_manifest.score, 4) if t_manifest.score else None,
         "params": manifest.num_parameters, "teacher_params": t_manifest.num_parameters,
         "wall_s": round(wall, 1), "schedule": {**sched, "train_examples": manifest.params["train_examples"],
-                                               "train_file": cfg.train_file},
+                                               "train_file": cfg.train_file, "method_epochs": epochs,
+                                               "method_options": options},
         "metrics": manifest.metrics["dev"], "train_loss": manifest.params.get("train_loss"),
         "artifact": str(out),
     }
@@ -157,7 +191,7 @@ def main() -> None:
                       f"(retention {row['retention']}) in {row['wall_s']:.0f}s")
     table = [r for r in rows if r["task"] in args.tasks]
     for method in args.methods:
-        kept = [r["retention"] for r in table if r["method"] in (method, method + "+aug") and r["retention"] is not None]
+        kept = [r["retention"] for r in table if r["method"] == method and r["retention"] is not None]
         if kept:
             print(f"{method}: average retention {sum(kept) / len(kept):.4f} over {len(kept)} rows")
 
