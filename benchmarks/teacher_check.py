@@ -8,11 +8,16 @@
    the teacher row's epochs, learning rate and batch size. If bertforge's `finetune` were at fault, this
    control would score clearly higher than the teacher in teachers.json. Variants: the pooler
    re-initialised (its checkpoint weights were never trained by the sentence-embedding objective).
+3. bertforge's own `finetune` with one setting changed from the teacher row's recipe, to find what
+   separates it from the plain loop (the plain loop neither clips gradients nor uses seed 42):
+   `bertforge-noclip` (max_grad_norm 0), `bertforge-seed0` (seed 0), `bertforge` (unchanged: the
+   run-to-run control).
 
 Writes benchmarks/results/teacher_check.json.
 
     python benchmarks/teacher_check.py --task cola --threads 1
     python benchmarks/teacher_check.py --task cola --skip-finetune     # probes only (about a minute)
+    python benchmarks/teacher_check.py --task cola --skip-probes --variants bertforge-noclip
 """
 from __future__ import annotations
 
@@ -111,6 +116,22 @@ def plain_finetune(task, train, dev, max_length, epochs, lr, batch_size, reinit_
     return {"per_epoch": history, "best_score": max(h["score"] for h in history)}
 
 
+BERTFORGE_VARIANTS = {"bertforge": {}, "bertforge-noclip": {"max_grad_norm": 0.0}, "bertforge-seed0": {"seed": 0}}
+
+
+def bertforge_finetune(task, glue_dir, epochs, lr, changes: dict, out: Path) -> dict:
+    """bertforge's recipe with `changes` applied to its loop: dev score after each epoch."""
+    from pipeline.finetune import FinetuneConfig, finetune
+    from pipeline.training import LoopConfig
+
+    cfg = FinetuneConfig(task=task.name, model=MODEL, out=str(out), glue_dir=glue_dir,
+                         loop=LoopConfig(epochs=epochs, batch_size=32, learning_rate=lr, checkpoint_every=100, **changes))
+    manifest = finetune(cfg, resume=(out / "checkpoints").is_dir())
+    history = manifest.params["dev_history"]
+    return {"per_epoch": [{"score": h["score"]} for h in history], "best_score": max(h["score"] for h in history),
+            "changes": changes}
+
+
 def main() -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,7 +139,9 @@ def main() -> None:
     p.add_argument("--task", default="cola")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-finetune", action="store_true")
-    p.add_argument("--variants", nargs="+", default=["stock"], choices=["stock", "reinit-pooler"])
+    p.add_argument("--skip-probes", action="store_true")
+    p.add_argument("--variants", nargs="+", default=["stock"],
+                   choices=["stock", "reinit-pooler", *BERTFORGE_VARIANTS])
     p.add_argument("--out", default=str(RESULTS / "teacher_check.json"))
     args = p.parse_args()
     if args.threads:
@@ -133,16 +156,23 @@ def main() -> None:
     entry = report.setdefault(task.name, {})
     entry["model"] = MODEL
     entry["teacher_row"] = {k: row.get(k) for k in ("score", "epochs", "learning_rate", "train_examples")}
-    start = time.perf_counter()
-    entry["linear_probes"] = linear_probes(task, train, dev, max_length)
-    entry["linear_probes_wall_s"] = round(time.perf_counter() - start, 1)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.skip_probes:
+        start = time.perf_counter()
+        entry["linear_probes"] = linear_probes(task, train, dev, max_length)
+        entry["linear_probes_wall_s"] = round(time.perf_counter() - start, 1)
+        path.write_text(json.dumps(report, indent=2) + "\n")
     if not args.skip_finetune:
         epochs, lr = row.get("epochs", 3), row.get("learning_rate", 1e-4)
         for variant in args.variants:
             start = time.perf_counter()
-            result = plain_finetune(task, train, dev, max_length, epochs, lr, 32, variant == "reinit-pooler", seed=0)
-            entry.setdefault("plain_transformers", {})[variant] = {
+            if variant in BERTFORGE_VARIANTS:
+                result = bertforge_finetune(task, args.glue_dir, epochs, lr, BERTFORGE_VARIANTS[variant],
+                                            RESULTS / "teacher_check" / f"{task.name}-{variant}")
+                section = "bertforge_finetune"
+            else:
+                result = plain_finetune(task, train, dev, max_length, epochs, lr, 32, variant == "reinit-pooler", seed=0)
+                section = "plain_transformers"
+            entry.setdefault(section, {})[variant] = {
                 **result, "epochs": epochs, "learning_rate": lr, "batch_size": 32, "warmup_ratio": 0.1,
                 "wall_s": round(time.perf_counter() - start, 1)}
             path.write_text(json.dumps(report, indent=2) + "\n")

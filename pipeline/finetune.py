@@ -76,7 +76,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
         metrics = evaluate(str(out), task.name, cfg.glue_dir, max_length=max_length, progress=progress).metrics
     manifest = write_manifest(out, Manifest(
         stage="finetune", task=task.name, parent=cfg.model,
-        params={**_run_config(cfg), "max_length": max_length, "train_examples": len(train), "best_dev_score": best},
+        params={**_run_config(cfg), "max_length": max_length, "train_examples": len(train), "best_dev_score": best,
+                "dev_history": loop.history},
         seed=cfg.loop.seed, metrics={dev_split(task): metrics, "dev": metrics},
         num_parameters=count_parameters(model), wall_s=round(time.perf_counter() - start, 1),
     ))

@@ -89,7 +89,8 @@ class TrainLoop:
         self.modules = modules.to(self.accelerator.device)
         self.optimizer = self.accelerator.prepare(optimizer)
         self.scheduler = scheduler
-        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": None, "total_steps": total}
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_score": None, "total_steps": total,
+                      "history": []}
 
     @property
     def device(self) -> torch.device:
@@ -199,6 +200,8 @@ class TrainLoop:
         score = self.evaluate_fn() if self.accelerator.is_main_process else None
         self.modules.train()
         best = self.state["best_score"]
+        if score is not None:
+            self.state.setdefault("history", []).append({"step": self.state["global_step"], "score": score})
         if score is not None and (best is None or score > best):
             self.state["best_score"] = score
             if self.save_best_fn:
@@ -206,6 +209,11 @@ class TrainLoop:
         if score is not None:  # only the main process evaluates
             tqdm.write(f"[{self.desc}] step {self.state['global_step']}: dev score {score:.4f} "
                        f"(best {self.state['best_score']:.4f})")
+
+    @property
+    def history(self) -> list[dict]:
+        """Every dev evaluation of the run, in order: [{"step", "score"}]."""
+        return list(self.state.get("history", []))
 
     def finish(self) -> None:
         """Remove the resume state once the final artifact is written."""

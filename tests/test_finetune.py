@@ -42,6 +42,10 @@ def test_finetune_writes_a_loadable_artifact_with_manifest(tiny_bert, tmp_path):
     # the kept checkpoint is the best one: re-scoring it gives the manifest's figure
     rescored = evaluate(tmp_path / "ft", "sst2", SAMPLE, progress=False).metrics
     assert rescored["score"] == pytest.approx(manifest.metrics["dev"]["score"])
+    # one dev evaluation per epoch is on record, and the best of them is the kept one
+    history = saved.params["dev_history"]
+    assert [h["step"] for h in history] == [20, 40]
+    assert max(h["score"] for h in history) == pytest.approx(manifest.metrics["dev"]["score"])
 
 
 def test_training_reduces_the_loss(tiny_bert, tmp_path):

@@ -26,6 +26,7 @@ def add_loop(p: argparse.ArgumentParser, epochs: int, lr: float, batch_size: int
     g.add_argument("--learning-rate", type=float, default=lr)
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: no clipping)")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: each epoch)")
     g.add_argument("--checkpoint-every", type=int, default=200, help="save resume state every N steps")
     g.add_argument("--max-steps-per-epoch", type=int, default=None)
@@ -39,7 +40,8 @@ def loop_config(args: argparse.Namespace):
     from pipeline.training import LoopConfig
 
     return LoopConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, eval_every=args.eval_every,
+                      warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                      max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, max_steps_per_epoch=args.max_steps_per_epoch,
                       seed=args.seed, mixed_precision=args.mixed_precision)
 
