@@ -106,9 +106,11 @@ def augment() -> str:
     for name in ("augment.json", "augment-mlmhead.json"):
         r = _load(name)
         if r:
-            rows.append([r["task"], Path(r["mlm"]).name, r["examples"], r["n"], r["batched"]["examples_per_s"],
+            mlm = "MLM head fitted on the frozen encoder" if r["mlm"].endswith(".mlm") else \
+                "untrained head on all-MiniLM-L6-v2" if r["mlm"] == "all-MiniLM-L6-v2" else r["mlm"]
+            rows.append([r["task"], mlm, r["examples"], r["n"], r["batched"]["examples_per_s"],
                          r["batch1_loop"]["examples_per_s"], f"{r['speedup']:.1f}×",
-                         f"{100 * r['shared_rows_fraction']:.0f}%", r["threads"]])
+                         f"{100 * r['shared_rows_fraction']:.1f}%", r["threads"]])
     return _table(["task", "masked LM", "examples", "N", "batched ex/s", "batch-1 ex/s", "speed-up",
                    "rows shared", "threads"], rows)
 
