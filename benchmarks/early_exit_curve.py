@@ -9,7 +9,7 @@ the whole batch has left.
 
 Reads benchmarks/results/teachers/<task>/ (finetune_teachers.py); writes the exits to
 benchmarks/results/students/<task>/early-exit/ (git-ignored) and the curve to
-benchmarks/results/early_exit.json.
+benchmarks/results/early_exit_<task>.json.
 
     python benchmarks/early_exit_curve.py --task cola --threads 1
 """
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(RESULTS / "early_exit.json"))
+    p.add_argument("--out", default=None, help="default: results/early_exit_<task>.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +87,7 @@ def main() -> None:
         "layers": model.num_layers, "exits_train_wall_s": manifest.wall_s, "dev_examples": len(dev),
         "repeats": args.repeats, "threads": torch.get_num_threads(), "curves": curves,
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.out or RESULTS / f"early_exit_{task.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     for batch_size, curve in curves.items():
         print(f"batch {batch_size}:")
         for row in curve:

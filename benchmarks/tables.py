@@ -65,9 +65,11 @@ def distill() -> str:
 
 
 def early_exit() -> str:
-    data = _load("early_exit.json")
-    if not data:
-        return ""
+    return "\n\n".join(_early_exit_curve(json.loads(path.read_text()))
+                       for path in sorted(RESULTS.glob("early_exit_*.json")))
+
+
+def _early_exit_curve(data: dict) -> str:
     head = (f"{data['task']}, teacher {_pct(data['teacher_score'])}, {data['layers']} layers, "
             f"{data['dev_examples']} dev examples, median of {data['repeats']} runs, {data['threads']} thread(s)")
     batches = sorted(data["curves"], key=int)
