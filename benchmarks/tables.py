@@ -77,10 +77,12 @@ def _early_exit_curve(data: dict) -> str:
     rows = []
     for i, t in enumerate(thresholds):
         first = data["curves"][batches[0]][i]
+        # layers / mean exit layer: the speed-up the exits allow at best (batch 1, exits cost nothing)
         rows.append([t, _pct(first["score"]), f"{first['mean_exit_layer']:.2f}",
+                     f"{data['layers'] / first['mean_exit_layer']:.2f}×",
                      *(f"{data['curves'][b][i]['speedup_median']:.2f}×" for b in batches)])
-    return head + "\n\n" + _table(["threshold", "dev score", "mean exit layer", *(f"speed-up b{b}" for b in batches)],
-                                  rows)
+    return head + "\n\n" + _table(["threshold", "dev score", "mean exit layer", "layer bound",
+                                   *(f"measured b{b}" for b in batches)], rows)
 
 
 def teacher_check() -> str:
