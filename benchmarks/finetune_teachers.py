@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(SCHEDULE))
     parser.add_argument("--epochs", type=int, default=None, help="override every task's epochs")
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
-                        help="gradient clipping (0: none; CoLA gains about 5 MCC without it, see teacher_check.py)")
+                        help="gradient clipping (0: none; CoLA gained 2-5 MCC without it: teacher_check.py)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "teachers.json"))
     args = parser.parse_args()
