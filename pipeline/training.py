@@ -131,7 +131,7 @@ class TrainLoop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
-        self.state = ckpt["state"]
+        self.state = {"history": [], **ckpt["state"]}  # checkpoints written before dev history was kept lack it
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> float | None:
@@ -201,7 +201,7 @@ class TrainLoop:
         self.modules.train()
         best = self.state["best_score"]
         if score is not None:
-            self.state.setdefault("history", []).append({"step": self.state["global_step"], "score": score})
+            self.state["history"].append({"step": self.state["global_step"], "score": score})
         if score is not None and (best is None or score > best):
             self.state["best_score"] = score
             if self.save_best_fn:
@@ -213,7 +213,7 @@ class TrainLoop:
     @property
     def history(self) -> list[dict]:
         """Every dev evaluation of the run, in order: [{"step", "score"}]."""
-        return list(self.state.get("history", []))
+        return list(self.state["history"])
 
     def finish(self) -> None:
         """Remove the resume state once the final artifact is written."""
