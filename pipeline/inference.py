@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import read_manifest
+from pipeline import onnx_runtime
 from pipeline.errors import BertforgeError
+# torch-free parts, kept importable from here where other stages import them
+from pipeline.onnx_runtime import _onnx_file, is_onnx_artifact, label_names  # noqa: F401
 from pipeline.models import is_bertforge_pruned, load_config, load_tokenizer, resolve_model
 
 
@@ -47,43 +49,12 @@ class TorchClassifier:
         return self.model(**feed).logits.float().cpu().numpy()
 
 
-class OrtClassifier:
-    format = "onnx"
+class OrtClassifier(onnx_runtime.OrtClassifier):
+    """The torch-free ONNX Runtime session (pipeline.onnx_runtime) with the full transformers config."""
 
     def __init__(self, path: str, device: str = "cpu", num_threads: int | None = None, file_name: str | None = None):
-        import onnxruntime as ort
-
-        self.path = path
+        super().__init__(path, device, num_threads, file_name)
         self.config = load_config(path)
-        model_file = Path(path) / (file_name or _onnx_file(Path(path)))
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-            options.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(model_file), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types for corrupt files
-            raise BertforgeError(f"cannot load ONNX model {model_file}: {str(e).splitlines()[0][:200]}") from None
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {k: np.asarray(v, dtype=np.int64) for k, v in inputs.items() if k in self.input_names}
-        return self.session.run(None, feed)[0].astype(np.float32)
-
-
-def _onnx_file(folder: Path) -> str:
-    manifest = read_manifest(folder)
-    if manifest and manifest.params.get("onnx_file"):
-        return manifest.params["onnx_file"]
-    candidates = sorted(p.name for p in folder.glob("*.onnx"))
-    if not candidates:
-        raise BertforgeError(f"{folder} holds no .onnx file")
-    return "model.onnx" if "model.onnx" in candidates else candidates[0]
-
-
-def is_onnx_artifact(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and any(Path(path).glob("*.onnx"))
 
 
 def load_runtime(path: str | os.PathLike, device: str = "cpu", num_threads: int | None = None):
@@ -95,11 +66,6 @@ def load_runtime(path: str | os.PathLike, device: str = "cpu", num_threads: int 
     runtime = OrtClassifier(path, device, num_threads) if is_onnx_artifact(path) else TorchClassifier(path, device, num_threads)
     runtime.tokenizer = load_tokenizer(path)
     return runtime
-
-
-def label_names(config) -> list[str]:
-    id2label = getattr(config, "id2label", None) or {}
-    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)]
 
 
 def dump(obj, path: str | os.PathLike) -> None:

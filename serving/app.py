@@ -101,7 +101,9 @@ class _RecordRequests:
 
 def create_app(model_dir: str | Path, config: ServeConfig | None = None, runtime=None) -> FastAPI:
     """Load the model now (a bad folder fails here, before any port is bound); warm it up at startup."""
-    from pipeline.inference import load_runtime
+    from pipeline.onnx_runtime import load_serving_runtime as load_runtime  # torch only for PyTorch artifacts
+    from serving import oip, tei
+    from serving.protocols import Served
 
     config = config or ServeConfig()
     runtime = runtime or load_runtime(model_dir, config.device, config.num_threads)
@@ -139,6 +141,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, runtime
                   description=f"Sequence classification with `{Path(str(model_dir)).name}` ({runtime.format}).")
     app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
     app.add_middleware(_RecordRequests, metrics=metrics)
+    served = Served(predictor, batcher, config, metrics, state, config.model_name or Path(str(model_dir)).name, runtime.format)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -166,12 +169,17 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, runtime
     body_schema = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/PredictRequest"}}}}}
 
+    # /predict: bertforge's own answer, or TEI's when the body has a TEI / Hugging Face field (serving/tei.py)
     @app.post("/predict", dependencies=[Depends(require_key)], responses={200: {"model": PredictResponse}, **errors},
               openapi_extra=body_schema, summary="Classify texts or text pairs")
+    @app.post("/v1/predict", dependencies=[Depends(require_key)], responses={200: {"model": PredictResponse}, **errors},
+              openapi_extra=body_schema, summary="Classify texts or text pairs (always bertforge's own answer)")
     async def predict(request: Request):
         if not state["ready"]:
             raise ApiError(503, "unavailable", "model is warming up", {"Retry-After": "1"})
         body = await _read_body(request, config.max_body_bytes)
+        if request.url.path == "/predict" and tei.is_dialect_body(body):
+            return await tei.answer(served, body)
         try:
             inputs = PredictRequest.model_validate_json(body).inputs
         except ValidationError as e:
@@ -215,6 +223,9 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, runtime
     @app.get("/metrics", dependencies=[Depends(require_key)], summary="Prometheus metrics")
     async def prometheus_metrics():
         return Response(metrics.exposition(), media_type=metrics.content_type)
+
+    app.include_router(tei.router(served, require_key))
+    app.include_router(oip.router(served, require_key))
 
     app.openapi_schema = None
     _original_openapi = app.openapi

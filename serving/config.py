@@ -27,6 +27,7 @@ class ServeConfig:
     device: str = "cpu"
     graceful_timeout_s: float = 30.0  # how long shutdown waits for requests in flight
     log_level: str = "info"
+    model_name: str | None = None  # the Open Inference Protocol's model name (default: the artifact folder's)
 
     def __post_init__(self):
         self.validate()

@@ -9,7 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from pipeline.errors import BertforgeError
-from pipeline.inference import label_names
+from pipeline.onnx_runtime import label_names
 
 # Only the first max_tokens tokens of a text count, but the tokenizer reads all of it (a megabyte
 # takes a second). No real text averages 20 characters per word piece (English: 4-5), so cutting
@@ -23,31 +23,42 @@ class InputTooLong(ValueError):
     """An input longer than max_tokens when the server refuses rather than truncates."""
 
 
+class Answer(dict):
+    """One input's answer as the native route sends it, plus what other protocols need but the native JSON
+    leaves out: the raw logits (TEI's raw_scores, the v2 `logits` output) and whether the input was cut."""
+
+    logits: list[float]
+    truncated: bool = False
+
+
 class Predictor:
     def __init__(self, runtime, max_tokens: int, on_long_input: str = "truncate", metrics=None):
         self.runtime = runtime
         self.metrics = metrics
         tokenizer = runtime.tokenizer
-        if not getattr(tokenizer, "is_fast", False):
+        if isinstance(tokenizer, Tokenizer):  # the torch-free ONNX runtime (pipeline.onnx_runtime)
+            backend, self.pad_id = tokenizer, getattr(runtime, "pad_token_id", 0) or 0
+        elif getattr(tokenizer, "is_fast", False):  # a transformers tokenizer (PyTorch artifacts)
+            backend, self.pad_id = tokenizer.backend_tokenizer, tokenizer.pad_token_id or 0
+        else:
             raise BertforgeError("serving needs a fast tokenizer (tokenizer.json or a vocab a fast tokenizer can load)")
         config = runtime.config
         positions = getattr(config, "max_position_embeddings", None)
         self.max_tokens = min(max_tokens, positions) if positions else max_tokens
         self.reject_long = on_long_input == "reject"
         # A private copy: truncation and padding settings are per-tokenizer state.
-        self.tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.tokenizer = Tokenizer.from_str(backend.to_str())
         self.tokenizer.no_padding()
         if self.reject_long:
             self.tokenizer.no_truncation()
         else:
             self.tokenizer.enable_truncation(self.max_tokens)
-        self.pad_id = tokenizer.pad_token_id or 0
         self.labels = label_names(config)
         self.regression = getattr(config, "problem_type", None) == "regression" or config.num_labels == 1
 
-    def __call__(self, inputs: list[Input]) -> list[dict | InputTooLong]:
+    def __call__(self, inputs: list[Input]) -> list[Answer | InputTooLong]:
         answers: list = [None] * len(inputs)
-        keep, texts = [], []
+        keep, texts, cut = [], [], set()
         max_chars = self.max_tokens * MAX_CHARS_PER_TOKEN
         for i, x in enumerate(inputs):
             parts = (x,) if isinstance(x, str) else x
@@ -55,6 +66,8 @@ class Predictor:
                 answers[i] = InputTooLong(f"more than {self.max_tokens} tokens")
                 continue
             keep.append(i)
+            if any(len(p) > max_chars for p in parts):
+                cut.add(i)
             texts.append(tuple(p[:max_chars] for p in parts) if len(parts) == 2 else parts[0][:max_chars])
         encodings = self.tokenizer.encode_batch(texts) if texts else []
         if self.reject_long:
@@ -65,7 +78,10 @@ class Predictor:
             keep, encodings = [i for i, _ in kept], [e for _, e in kept]
         if encodings:
             logits = self.runtime(self.pad(encodings))
-            for i, answer in zip(keep, self.postprocess(logits)):
+            for i, e, answer, row in zip(keep, encodings, self.postprocess(logits), logits):
+                answer.logits = [float(v) for v in row]
+                # the tokenizer keeps what truncation cut as `overflowing`
+                answer.truncated = i in cut or bool(e.overflowing)
                 answers[i] = answer
         return answers
 
@@ -84,12 +100,12 @@ class Predictor:
             self.metrics.padded_length.observe(length)
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
-    def postprocess(self, logits: np.ndarray) -> list[dict]:
+    def postprocess(self, logits: np.ndarray) -> list[Answer]:
         if self.regression:
-            return [{"value": float(v)} for v in logits[:, 0]]
+            return [Answer(value=float(v)) for v in logits[:, 0]]
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z)
         probs /= probs.sum(axis=1, keepdims=True)
         best = probs.argmax(axis=1)
-        return [{"label": self.labels[b], "score": float(p[b]), "scores": dict(zip(self.labels, map(float, p)))}
+        return [Answer(label=self.labels[b], score=float(p[b]), scores=dict(zip(self.labels, map(float, p))))
                 for b, p in zip(best, probs)]

@@ -24,11 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(f"pipeline.cli.{name}_cmd")
         except ModuleNotFoundError as e:
-            if e.name != f"pipeline.cli.{name}_cmd":
+            if e.name == f"pipeline.cli.{name}_cmd":
+                continue  # not built yet
+            if e.name and e.name.split(".")[0] in ("pipeline", "serving"):
                 raise
-            continue  # not built yet
+            # a slim install (bertforge[serve]) lacks torch and the training stack: say so when used
+            sub.add_parser(name, help=f"(needs `pip install bertforge[all]`: {e.name} is not installed)",
+                           add_help=False, prefix_chars="\0").set_defaults(func=_needs_full_install(name, e.name))
+            continue
         module.add_parser(sub)
     return parser
+
+
+def _needs_full_install(command: str, missing: str):
+    def fail(args):
+        raise BertforgeError(f"needs the full install (`pip install bertforge[all]`): {missing} is not installed")
+    return fail
 
 
 def quiet_third_party_logs() -> None:
