@@ -15,9 +15,12 @@ for _name in ("torchao", "torch.utils._pytree"):
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads
 # of parallel processes slow every test down several-fold.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
 
-torch.set_num_threads(1)
+    torch.set_num_threads(1)
+except ImportError:  # the slim serving install (bertforge[serve]) runs tests/test_protocols.py without torch
+    torch = None
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "glue_data"
 if os.environ.get("GLUE_DIR"):

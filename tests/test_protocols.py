@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,8 +24,13 @@ PAIRS = [("A man plays the guitar.", "Someone plays music."), ("The cat sleeps."
 
 
 @pytest.fixture(scope="module")
-def onnx_model(tiny_bert, tmp_path_factory):
-    return export_tiny_onnx(tiny_bert, tmp_path_factory.mktemp("protocols") / "sst2-tiny")
+def onnx_model(request, tmp_path_factory):
+    """A tiny ONNX artifact; $BERTFORGE_TEST_ONNX names a prebuilt one (the slim serving install has no
+    torch to build it: CI exports it in the full environment first)."""
+    out = tmp_path_factory.mktemp("protocols") / "sst2-tiny"
+    if os.environ.get("BERTFORGE_TEST_ONNX"):
+        return Path(shutil.copytree(os.environ["BERTFORGE_TEST_ONNX"], out))
+    return export_tiny_onnx(request.getfixturevalue("tiny_bert"), out)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +56,17 @@ def hub_client_on_loopback(monkeypatch):
     """huggingface_hub refuses every URL, loopback included, when HF_HUB_OFFLINE is set (as in the test
     environment): let its session reach this server only for the test."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import reset_sessions
+    from huggingface_hub.utils import _http
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    reset_sessions()
+    if hasattr(constants, "is_offline_mode"):  # huggingface_hub >= 1.0 asks on every request
+        monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    reset = getattr(_http, "reset_sessions", lambda: None)  # < 1.0 mounts the offline adapter per session
+    reset()
     yield
     monkeypatch.undo()
-    reset_sessions()
+    reset()
 
 
 def test_hugging_face_inference_client(server, hub_client_on_loopback):

@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name and e.name.split(".")[0] in ("pipeline", "serving"):
                 raise
             # a slim install (bertforge[serve]) lacks torch and the training stack: say so when used
-            sub.add_parser(name, help=f"(needs `pip install bertforge[all]`: {e.name} is not installed)",
-                           add_help=False, prefix_chars="\0").set_defaults(func=_needs_full_install(name, e.name))
+            stub = sub.add_parser(name, help=f"(needs `pip install bertforge[all]`: {e.name} is not installed)",
+                                  add_help=False, prefix_chars="\0")  # takes any arguments, to say what is missing
+            stub.add_argument("args", nargs="*")
+            stub.set_defaults(func=_needs_full_install(name, e.name))
             continue
         module.add_parser(sub)
     return parser

@@ -27,16 +27,41 @@ def add_parser(sub):
     p.add_argument("--graceful-timeout", type=float, default=DEFAULTS.graceful_timeout_s,
                    help="seconds shutdown waits for requests in flight")
     p.add_argument("--log-level", default=DEFAULTS.log_level, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--model-name", default=None,
+                   help="the model's name on the Open Inference Protocol routes /v2/models/NAME (default: the folder's name)")
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install bertforge[ray])")
+    ray.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
+                     help="uvicorn: one process; ray: Ray Serve replicas of the same app behind Ray's proxy")
+    ray.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (each with --threads CPU threads)")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="autoscale between --replicas and this many, adding replicas while each holds a full batch")
+    ray.add_argument("--ray-address", default=None,
+                     help="join a running Ray cluster (e.g. auto, ray://head:10001); default: start a local one")
     p.set_defaults(func=run)
 
 
 def run(args):
-    from serving.server import serve
+    from pipeline.errors import BertforgeError
 
     config = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_inputs_per_request=args.max_inputs_per_request, max_tokens=args.max_tokens,
                          on_long_input=args.on_long_input, max_body_bytes=args.max_body_bytes, api_key=args.api_key,
                          num_threads=args.threads, device=args.device, graceful_timeout_s=args.graceful_timeout,
-                         log_level=args.log_level)
-    serve(args.model, config)
+                         log_level=args.log_level, model_name=args.model_name)
+    if args.engine == "uvicorn":
+        if args.replicas != 1 or args.max_replicas or args.ray_address:
+            raise BertforgeError("--replicas, --max-replicas and --ray-address need --engine ray")
+        from serving.server import serve
+
+        serve(args.model, config)
+        return
+    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+        raise BertforgeError("--replicas must be >= 1 and --max-replicas >= --replicas")
+    if args.port == 0:
+        raise BertforgeError("--engine ray needs a fixed --port (Ray's proxy does not take port 0)")
+    try:
+        from serving import ray_app
+    except ImportError as e:
+        raise BertforgeError(f"--engine ray needs `pip install bertforge[ray]` ({e.name} is not installed)") from None
+    ray_app.run(args.model, config, args.replicas, args.max_replicas, args.ray_address)
