@@ -230,8 +230,11 @@ def main(argv=None) -> None:
     ap.add_argument("--model", type=Path, default=None, help="ONNX artifact (default: a TinyBERT-4-shaped one)")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per load measurement")
     ap.add_argument("--users", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per load measurement")
     ap.add_argument("--repeats", type=int, default=3, help="cold starts per variant")
-    ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--parts", nargs="+", default=["size", "cold", "protocols", "ray"],
+                    choices=["size", "cold", "protocols", "ray"],
+                    help="what to measure; parts not measured keep their rows from an existing deploy.json")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bertforge-deploy-"))
     model = args.model or build_model(tmp / "model")
@@ -244,19 +247,41 @@ def main(argv=None) -> None:
     base.mkdir()
     subprocess.run(f"git archive {args.base_commit} | tar -x -C {base}", shell=True, cwd=ROOT, check=True)
 
-    result = {
+    out = RESULTS / "deploy.json"
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({
         "command": "python benchmarks/deploy.py " + " ".join(a if not a.startswith("/") else Path(a).name for a in (argv or sys.argv[1:])),
         "git_commit": commit, "seed": 0, "cpus": os.cpu_count(),
         "model": "TinyBERT-4-shaped random weights, ONNX fp32", "model_sha256": sha256(model / "model.onnx"),
         "texts": "SST-2 dev sentences", "texts_sha256": sha256(dev),
-        "note": "2-core machine shared with other jobs; the load client runs on the same cores. Compare ratios within this run.",
-    }
+        "note": "2-core machine shared with other jobs; the load client runs on the same cores. Compare ratios within one "
+                "part (rows of one part are measured side by side in one run).",
+    })
+    result.setdefault("parts_commits", {})
+    for part in args.parts:
+        result["parts_commits"][part] = commit
+    if "size" in args.parts:
+        measure_size(result, serve_python, args)
+    if "cold" in args.parts:
+        measure_cold(result, serve_python, args, model, base, commit)
+    if "protocols" in args.parts:
+        measure_protocols(result, args, model, texts)
+    if "ray" in args.parts:
+        measure_ray(result, args, model, texts)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def measure_size(result, serve_python, args):
     serve_size, full_size = env_size(serve_python, "serve"), env_size(args.full_python, "all")
     result.update(serve_env_bytes=serve_size["bytes"], full_env_bytes=full_size["bytes"],
                   env_ratio=round(full_size["bytes"] / serve_size["bytes"], 2),
                   env_distributions={"serve": serve_size["distributions"], "full": full_size["distributions"]})
     print(json.dumps({k: result[k] for k in ("serve_env_bytes", "full_env_bytes", "env_ratio")}), flush=True)
 
+
+def measure_cold(result, serve_python, args, model, base, commit):
     # cold start and idle memory: the same ONNX artifact, 1 thread
     variants = {"slim": (serve_python, ROOT), "full": (args.full_python, ROOT), "full_before": (args.full_python, base)}
     starts = {k: [] for k in variants}
@@ -274,12 +299,14 @@ def main(argv=None) -> None:
                                 "code": args.base_commit if k == "full_before" else commit} for k in variants}
     print(json.dumps(result["cold_start"]), flush=True)
 
+
+def measure_protocols(result, args, model, texts):
     # protocols on one uvicorn server, 2 threads, rounds interleaved
     proc, url, _ = start_serve(args.full_python, ROOT, model, ["--threads", "2"])
     try:
         load(url, "native", texts, args.users, 3, model.name)  # warm-up
         runs = {k: [] for k in ("native", "tei", "v2")}
-        for _ in range(2):
+        for _ in range(args.rounds):
             for kind in runs:
                 runs[kind].append(load(url, kind, texts, args.users, args.seconds, model.name))
     finally:
@@ -293,28 +320,27 @@ def main(argv=None) -> None:
         row["vs_native"] = round(row["rps"] / native_rps, 3)
     print(json.dumps(result["protocols"]), flush=True)
 
-    if not args.skip_ray:
-        result["ray_serve"] = []
-        for replicas, threads in ((1, 2), (2, 1)):
-            proc, url, took = start_serve(args.full_python, ROOT, model,
-                                          ["--engine", "ray", "--replicas", str(replicas), "--threads", str(threads)],
-                                          timeout=400)
-            try:
-                load(url, "native", texts, args.users, 3, model.name)
-                runs = [load(url, "native", texts, args.users, args.seconds, model.name) for _ in range(2)]
-            finally:
-                stop(proc)
-            result["ray_serve"].append({"replicas": replicas, "threads_per_replica": threads, "users": args.users,
-                                        "route": "native", "rps": round(statistics.mean(r["rps"] for r in runs), 1),
-                                        "errors": sum(r["errors"] for r in runs), "p99_ms": runs[-1]["p99_ms"],
-                                        "runs_rps": [r["rps"] for r in runs], "ready_s": round(took, 1),
-                                        "vs_uvicorn_2_threads": None})
-            print(json.dumps(result["ray_serve"][-1]), flush=True)
-        for row in result["ray_serve"]:
-            row["vs_uvicorn_2_threads"] = round(row["rps"] / native_rps, 3)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "deploy.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'deploy.json'}")
+
+def measure_ray(result, args, model, texts):
+    native_rps = next(r["rps"] for r in result.get("protocols", []) if r["route"] == "native")
+    result["ray_serve"] = []
+    for replicas, threads in ((1, 2), (2, 1)):
+        proc, url, took = start_serve(args.full_python, ROOT, model,
+                                      ["--engine", "ray", "--replicas", str(replicas), "--threads", str(threads)],
+                                      timeout=400)
+        try:
+            load(url, "native", texts, args.users, 3, model.name)
+            runs = [load(url, "native", texts, args.users, args.seconds, model.name) for _ in range(args.rounds)]
+        finally:
+            stop(proc)
+        result["ray_serve"].append({"replicas": replicas, "threads_per_replica": threads, "users": args.users,
+                                    "route": "native", "rps": round(statistics.mean(r["rps"] for r in runs), 1),
+                                    "errors": sum(r["errors"] for r in runs), "p99_ms": runs[-1]["p99_ms"],
+                                    "runs_rps": [r["rps"] for r in runs], "ready_s": round(took, 1),
+                                    "vs_uvicorn_2_threads": None})
+        print(json.dumps(result["ray_serve"][-1]), flush=True)
+    for row in result["ray_serve"]:
+        row["vs_uvicorn_2_threads"] = round(row["rps"] / native_rps, 3)
 
 
 if __name__ == "__main__":

@@ -211,7 +211,8 @@ import json, sys, urllib.request
 import importlib.util
 assert importlib.util.find_spec("torch") is None, "torch is importable: the blocker failed"
 from pipeline.cli import build_parser
-args = build_parser().parse_args(["serve", "--model", sys.argv[1], "--port", "0", "--threads", "1"])
+assert "needs `pip install bertforge[all]`" in build_parser().format_help()  # the other commands say what they lack
+args = build_parser("serve").parse_args(["serve", "--model", sys.argv[1], "--port", "0", "--threads", "1"])
 from serving.config import ServeConfig
 from serving.server import serve_in_thread
 with serve_in_thread(args.model, ServeConfig(port=0, num_threads=1, log_level="warning")) as url:
@@ -251,3 +252,17 @@ def test_onnx_serving_never_imports_torch(onnx_model, server):
     assert out["native"] == pytest.approx(native(server, ["a gripping film"])[0]["scores"], abs=1e-6)
     assert out["tei"] == post(server, {"inputs": "a gripping film"}).json()
     assert out["v2"]["outputs"][0]["data"] == [native(server, ["a gripping film"])[0]["label"]]
+
+
+def test_full_install_serves_onnx_without_importing_torch(onnx_model):
+    """With torch installed, `bertforge serve` on an ONNX artifact still leaves it unimported (cold start
+    and memory): the CLI imports only the command it runs, the app only the ONNX runtime."""
+    child = ("import sys; from pipeline.cli import build_parser; "
+             "build_parser('serve').parse_args(['serve', '--model', sys.argv[1]]); "
+             "from serving.app import create_app; from serving.config import ServeConfig; "
+             "create_app(sys.argv[1], ServeConfig(num_threads=1)); "
+             "assert 'torch' not in sys.modules, 'torch imported'")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", child, str(onnx_model)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -17,10 +17,12 @@ COMMANDS = ["finetune", "eval", "distill", "augment", "prune", "quantize", "expo
             "loadtest", "bench", "report"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with `only`, just that command's (its module alone is imported: `bertforge serve`
+    then never imports torch through the training commands)."""
     parser = argparse.ArgumentParser(prog="bertforge", description="Distil, compress, export, serve and benchmark BERT models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else [only]:
         try:
             module = importlib.import_module(f"pipeline.cli.{name}_cmd")
         except ModuleNotFoundError as e:
@@ -54,7 +56,8 @@ def quiet_third_party_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_third_party_logs()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         result = args.func(args)
     except BertforgeError as e:
