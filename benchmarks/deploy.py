@@ -322,25 +322,35 @@ def measure_protocols(result, args, model, texts):
 
 
 def measure_ray(result, args, model, texts):
-    native_rps = next(r["rps"] for r in result.get("protocols", []) if r["route"] == "native")
+    """Each Ray layout against a plain uvicorn server with the same 2 threads, up at the same time and
+    loaded in alternating rounds: the ratio holds up while the shared machine's load drifts."""
     result["ray_serve"] = []
-    for replicas, threads in ((1, 2), (2, 1)):
-        proc, url, took = start_serve(args.full_python, ROOT, model,
-                                      ["--engine", "ray", "--replicas", str(replicas), "--threads", str(threads)],
-                                      timeout=400)
-        try:
-            load(url, "native", texts, args.users, 3, model.name)
-            runs = [load(url, "native", texts, args.users, args.seconds, model.name) for _ in range(args.rounds)]
-        finally:
-            stop(proc)
-        result["ray_serve"].append({"replicas": replicas, "threads_per_replica": threads, "users": args.users,
-                                    "route": "native", "rps": round(statistics.mean(r["rps"] for r in runs), 1),
-                                    "errors": sum(r["errors"] for r in runs), "p99_ms": runs[-1]["p99_ms"],
-                                    "runs_rps": [r["rps"] for r in runs], "ready_s": round(took, 1),
-                                    "vs_uvicorn_2_threads": None})
-        print(json.dumps(result["ray_serve"][-1]), flush=True)
-    for row in result["ray_serve"]:
-        row["vs_uvicorn_2_threads"] = round(row["rps"] / native_rps, 3)
+    plain, plain_url, _ = start_serve(args.full_python, ROOT, model, ["--threads", "2"])
+    try:
+        for replicas, threads in ((1, 2), (2, 1)):
+            proc, url, took = start_serve(args.full_python, ROOT, model,
+                                          ["--engine", "ray", "--replicas", str(replicas), "--threads", str(threads)],
+                                          timeout=400)
+            try:
+                load(url, "native", texts, args.users, 3, model.name)
+                load(plain_url, "native", texts, args.users, 3, model.name)
+                ray_runs, plain_runs = [], []
+                for _ in range(args.rounds):
+                    plain_runs.append(load(plain_url, "native", texts, args.users, args.seconds, model.name))
+                    ray_runs.append(load(url, "native", texts, args.users, args.seconds, model.name))
+            finally:
+                stop(proc)
+            rps = statistics.mean(r["rps"] for r in ray_runs)
+            plain_rps = statistics.mean(r["rps"] for r in plain_runs)
+            result["ray_serve"].append({
+                "replicas": replicas, "threads_per_replica": threads, "users": args.users, "route": "native",
+                "rps": round(rps, 1), "errors": sum(r["errors"] for r in ray_runs), "p99_ms": ray_runs[-1]["p99_ms"],
+                "runs_rps": [r["rps"] for r in ray_runs], "ready_s": round(took, 1),
+                "uvicorn_2_threads_rps": round(plain_rps, 1), "uvicorn_runs_rps": [r["rps"] for r in plain_runs],
+                "vs_uvicorn_2_threads": round(rps / plain_rps, 3)})
+            print(json.dumps(result["ray_serve"][-1]), flush=True)
+    finally:
+        stop(plain)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ class Label(BaseModel):
 
 def is_dialect_body(body: bytes) -> bool:
     """True when a /predict body is TEI's or the Hugging Face client's rather than bertforge's own."""
+    if not any(b'"' + k.encode() + b'"' in body for k in DIALECT_FIELDS):
+        # the common case, decided without parsing the body twice; a key spelled with \u escapes falls
+        # through to the native route, which refuses the unknown field (422)
+        return False
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
