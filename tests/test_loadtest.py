@@ -14,6 +14,7 @@ from serving_helpers import export_tiny_onnx
 
 from pipeline.cli import main
 from pipeline.errors import BertforgeError
+from pipeline.report_serving import load_sweeps, markdown_table, plot_p99, serving_table
 from serving.config import ServeConfig
 from serving.loadtest import (LabelCheck, find_knee, label_index, load_examples, make_endpoint, parse_duration,
                               read_locust_stats, run_loadtest, run_sweep)
@@ -228,6 +229,16 @@ def test_sweep_finds_the_knee_of_a_server_with_known_capacity(oracle, tmp_path):
     assert over and all(s["p99_ms"] > 250 for s in over)
     assert json.loads((tmp_path / "sweep.json").read_text()) == sweep
 
+    # The report's serving section: one row per endpoint, and p99 against the offered rate.
+    endpoints = load_sweeps([tmp_path])
+    table = serving_table(endpoints)
+    row = dict(zip(table["columns"], table["rows"][0]))
+    assert row["req/s at SLO"] == knee["achieved_rps"] and row["p99 ms"] == knee["p99_ms"] <= 250
+    assert row["failures"] == sum(s["failures"] for s in sweep["steps"]) and row["protocol"] == "tei"
+    svg = plot_p99(endpoints, tmp_path / "p99.png")
+    assert svg.startswith("<?xml") and "SLO p99 250 ms" in svg and (tmp_path / "p99.png").stat().st_size > 1000
+    assert markdown_table(table).count("\n") == 2
+
 
 # -- the pieces, without Locust ---------------------------------------------------------------------------------------
 
@@ -298,3 +309,18 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(BertforgeError, match="placeholder"):
         make_endpoint("template", "/x", (), tmp_path / "t.json", "a")
     assert main(["loadtest", "--host", "http://127.0.0.1:9", "--protocol", "template", "--path", "/x"]) == 2
+
+
+def test_serving_json_rows_grouped_by_model(tmp_path):
+    rows = [{"model": m, "mode": mode, "target_rps": r, "rps": r, "p50_ms": 5, "p99_ms": p, "failures": 0, "slo_ms": 100,
+             "knee": knee, "labels": {"answers": 10, "served_accuracy": 0.9, "disagreements": 0, "offline_dev_score": 0.91}}
+            for m, mode, r, p, knee in [("a", "closed", None, 9, False), ("a", "fixed-rate", 20, 50, True),
+                                        ("a", "fixed-rate", 40, 400, False), ("b", "fixed-rate", 5, 300, False)]]
+    (tmp_path / "serving.json").write_text(json.dumps(rows))
+    a, b = load_sweeps([tmp_path / "serving.json"])
+    assert [s["offered_rps"] for s in a["steps"]] == [20, 40] and a["rps_at_slo"] == 20 and b["knee"] is None
+    table = serving_table([a, b])
+    assert table["rows"][0][2:] == [20, 100, 5, 50, 0, 0.9, 0.91, 0]
+    assert table["rows"][1][2] is None  # no rate met the SLO
+    with pytest.raises(BertforgeError, match="sweep.json"):
+        load_sweeps([tmp_path / "missing"])
