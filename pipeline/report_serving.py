@@ -120,3 +120,11 @@ def plot_p99(endpoints: list[dict], path: str | os.PathLike | None = None) -> st
     fig.savefig(buf, format="svg")
     plt.close(fig)
     return buf.getvalue()
+
+
+def serving_section(paths) -> dict:
+    """Everything the report's serving section shows, for `bertforge report --loadtest RUN...`: the table
+    model, the same table as Markdown, and the plot as SVG text."""
+    endpoints = load_sweeps(paths)
+    table = serving_table(endpoints)
+    return {"endpoints": endpoints, "table": table, "markdown": markdown_table(table), "plot_svg": plot_p99(endpoints)}

@@ -14,7 +14,7 @@ from serving_helpers import export_tiny_onnx
 
 from pipeline.cli import main
 from pipeline.errors import BertforgeError
-from pipeline.report_serving import load_sweeps, markdown_table, plot_p99, serving_table
+from pipeline.report_serving import load_sweeps, markdown_table, plot_p99, serving_section, serving_table
 from serving.config import ServeConfig
 from serving.loadtest import (LabelCheck, find_knee, label_index, load_examples, make_endpoint, parse_duration,
                               read_locust_stats, run_loadtest, run_sweep)
@@ -322,5 +322,7 @@ def test_serving_json_rows_grouped_by_model(tmp_path):
     table = serving_table([a, b])
     assert table["rows"][0][2:] == [20, 100, 5, 50, 0, 0.9, 0.91, 0]
     assert table["rows"][1][2] is None  # no rate met the SLO
+    section = serving_section([tmp_path / "serving.json"])
+    assert section["table"] == table and section["markdown"].count("\n") == 3 and "<svg" in section["plot_svg"]
     with pytest.raises(BertforgeError, match="sweep.json"):
         load_sweeps([tmp_path / "missing"])
