@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--estimate-users", type=int, default=8)
     p.add_argument("--estimate-duration", default="15s")
     p.add_argument("--step-users", type=int, default=4)
+    p.add_argument("--baseline-texts", type=int, default=200,
+                   help="dev texts cycled through for the baseline (its offline answers, one text at a time, are slow)")
     p.add_argument("--task", default="sst2")
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"))
     p.add_argument("--threads", type=int, default=1, help="runtime threads in the server (and for offline answers)")
@@ -112,25 +114,25 @@ def main() -> None:
 
     from serving.loadtest import load_examples, make_endpoint, make_label_check, run_sweep, wait_ready
 
-    models = [(args.student_name, Path(args.student), False)]
+    all_rows = load_examples(args.task, args.glue_dir)
+    models = [(args.student_name, Path(args.student), False, all_rows)]
     if not args.skip_baseline:
         if args.baseline:
-            models.append((args.baseline_name, Path(args.baseline), False))
+            models.append((args.baseline_name, Path(args.baseline), False, all_rows[:args.baseline_texts]))
         else:
             from pipeline.baseline import build_baseline
 
             folder = build_baseline(ROOT / "runs" / "serve_load_baseline", task=args.task, hub_id=None, int8=False)["torch_fp32"]
-            models.append((args.baseline_name, Path(folder), True))
+            models.append((args.baseline_name, Path(folder), True, all_rows[:args.baseline_texts]))
 
-    rows = load_examples(args.task, args.glue_dir)
-    texts_sha = hashlib.sha256("\n".join(f"{a}\t{b or ''}\t{y}" for a, b, y in rows).encode()).hexdigest()[:16]
     out = Path(args.out)
     kept = [r for r in json.loads(out.read_text()) if r.get("model") not in {m[0] for m in models}] \
         if out.is_file() and isinstance(json.loads(out.read_text()), list) else []
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     endpoint = make_endpoint("bertforge")
-    for name, folder, shape_only in models:
+    for name, folder, shape_only, rows in models:
+        texts_sha = hashlib.sha256("\n".join(f"{a}\t{b or ''}\t{y}" for a, b, y in rows).encode()).hexdigest()[:16]
         # Offline answers first, with the server not yet started: the reference every served label must equal.
         check = make_label_check(rows, args.task, str(folder), max_tokens=128)
         proc, host = start_server(str(folder), args, work / f"{name}.server.log")
