@@ -142,6 +142,8 @@ def wait_ready(host: str, timeout: float = 60.0, path: str = "/readyz", headers:
                 if r.status == 200:
                     return
         except urllib.error.HTTPError as e:
+            if e.code == 404:  # the server answers but has no such route (e.g. TEI's /health): nothing to wait for
+                return
             last = f"HTTP {e.code}"
         except (urllib.error.URLError, OSError) as e:
             last = str(getattr(e, "reason", e))
