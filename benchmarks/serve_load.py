@@ -131,7 +131,11 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     endpoint = make_endpoint("bertforge")
-    for name, folder, shape_only, rows in models:
+    from pipeline.artifacts import read_manifest
+
+    for name, folder, built_here, rows in models:
+        manifest = read_manifest(folder)
+        shape_only = built_here or bool(manifest and manifest.params.get("shape_only"))
         texts_sha = hashlib.sha256("\n".join(f"{a}\t{b or ''}\t{y}" for a, b, y in rows).encode()).hexdigest()[:16]
         # Offline answers first, with the server not yet started: the reference every served label must equal.
         check = make_label_check(rows, args.task, str(folder), max_tokens=128)
