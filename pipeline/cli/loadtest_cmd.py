@@ -11,7 +11,8 @@ def add_parser(sub):
                     "through a request template; every answer is parsed (a malformed one is a failure). "
                     "Arguments after `--` go to Locust as they are, e.g. `-- --master --expect-workers 4` "
                     "for a distributed run (start workers with `locust -f serving/locustfile.py --worker "
-                    "--master-host HOST`; answers are then checked on the workers only).")
+                    "--master-host HOST`, with serving/loadtest_protocols.py beside it; answers are then "
+                    "checked on the workers only).")
     p.add_argument("--host", required=True, help="server URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--users", type=int, default=10, help="concurrent users (sweep: of the closed-loop estimate)")
     p.add_argument("--spawn-rate", type=float, default=10, help="users started per second")
