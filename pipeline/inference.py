@@ -11,6 +11,7 @@ import torch
 from pipeline.artifacts import read_manifest
 from pipeline.errors import BertforgeError
 from pipeline.models import is_bertforge_pruned, load_config, load_tokenizer, resolve_model
+from pipeline.providers import BoundRunner, parse_device, select_providers, torch_device
 
 
 class TorchClassifier:
@@ -22,7 +23,7 @@ class TorchClassifier:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.path = path
-        self.device = torch.device(device)
+        self.device = torch.device(torch_device(device))
         self.config = load_config(path)
         try:
             resolved = resolve_model(path)
@@ -60,16 +61,17 @@ class OrtClassifier:
         if num_threads:
             options.intra_op_num_threads = num_threads
             options.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        providers = select_providers(device)
         try:
             self.session = ort.InferenceSession(str(model_file), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise BertforgeError(f"cannot load ONNX model {model_file}: {str(e).splitlines()[0][:200]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.run = BoundRunner(self.session, parse_device(device)[1])  # on a GPU: one copy in, one out
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         feed = {k: np.asarray(v, dtype=np.int64) for k, v in inputs.items() if k in self.input_names}
-        return self.session.run(None, feed)[0].astype(np.float32)
+        return self.run(feed)[0].astype(np.float32)
 
 
 def _onnx_file(folder: Path) -> str:
