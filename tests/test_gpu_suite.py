@@ -74,3 +74,30 @@ def test_spent_budget_skips_steps_and_still_writes_the_result(tmp_path):
     result = json.loads(out.read_text())
     assert result["complete"] and result["environment"]["status"] == "skipped"
     assert result["steps"]["data"]["status"] == "skipped" and "time budget spent" in result["steps"]["data"]["reason"]
+
+
+@pytest.mark.slow
+def test_device_path_with_the_carried_teacher_at_tiny_sizes(tmp_path):
+    """What the device machine runs (no dry run: the carried fp16 teacher, its fp32 copy, distillation
+    from it), at tiny sizes on the CPU: --prepare's output must be all the suite needs."""
+    import argparse
+
+    carry = tmp_path / "carry"
+    gpu_bench.prepare(carry)
+    size = sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
+    assert size < 50 * 2**20  # room left under the 64 MiB a device call carries
+    assert (carry / "commit.txt").read_text().strip()
+
+    cfg = gpu_bench.dry_config()
+    cfg.student = {"num_hidden_layers": 2, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 12}
+    cfg.distill_steps_per_epoch, cfg.batch_sizes, cfg.dev_limit = 6, [2], 8
+    args = argparse.Namespace(dry_run=False, teacher=str(carry / "teacher"), glue_dir=None, seed=0, argv=[])
+    out = tmp_path / "r.json"
+    result = gpu_bench.Suite(args, cfg, out).run()
+    assert json.loads(out.read_text())["complete"]
+    assert result["inputs"]["teacher"]["source"] == "teacher" and result["inputs"]["teacher"]["sha256"]
+    assert result["steps"]["distill"]["status"] == "ok", result["steps"]["distill"]
+    assert result["checks"]["distill_loss_falls"]["ok"]
+    assert result["steps"]["timing"]["status"] == "ok"
+    cuda_rows = [r for r in result["results"] if r["runtime"].startswith("ort_cuda")]
+    assert cuda_rows and all(r["status"] == "skipped" for r in cuda_rows)
