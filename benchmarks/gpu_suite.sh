@@ -29,7 +29,7 @@ for a in "$@"; do [ "$a" = "--dry-run" ] && dry=1; done
 log="${TMPDIR:-/tmp}/bertforge-gpu-suite.log"
 [ -n "${OUT:-}" ] && log="$OUT/gpu_suite.log"
 
-# The driver stops starting steps after its budget (420 s); this is the last resort. Its result
+# The driver stops starting steps after its budget (360 s); this is the last resort. Its result
 # file is rewritten after every step, so even a killed run leaves what it measured.
 timeout --signal=INT --kill-after=15 470 "$PY" -m benchmarks.gpu_bench "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
