@@ -328,16 +328,17 @@ class TorchRunner:
 class OrtRunner:
     timer = "wall"  # run_with_iobinding returns once the device's work is done
 
-    def __init__(self, folder: Path, providers: list, threads: int | None = None):
+    def __init__(self, folder: Path, providers: list, threads: int | None = None, device: str = "cpu"):
         import onnxruntime as ort
 
-        from pipeline.providers import BoundRunner
+        from pipeline.providers import BoundRunner, check_placement
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
+        check_placement(self.session, device)  # no CPU rows labelled CUDA
         self.runner = BoundRunner(self.session)
         self.provider = self.session.get_providers()[0]
 
@@ -565,11 +566,13 @@ class Suite:
             out[f"{name}/ort_fp32_vs_torch_fp32"] = {**compare(ref, [ort32.logits(f) for f in feeds]),
                                                      "provider": ort32.provider}
             if ort32.provider == CUDA_EP:
-                ort16 = OrtRunner(m["onnx_fp16"], select_providers("cuda"))
+                ort16 = OrtRunner(m["onnx_fp16"], select_providers("cuda"), device="cuda")
                 out[f"{name}/ort_fp16_vs_torch_fp32"] = {**compare(ref, [ort16.logits(f) for f in feeds]),
                                                          "provider": ort16.provider}
             else:
-                out[f"{name}/ort_fp16_vs_torch_fp32"] = {"status": "skipped", "reason": self.ort_cuda_reason()}
+                reason = self.ort_cuda_reason() if not self.cuda or self.ort_cuda_reason().startswith("device") else \
+                    f"ONNX Runtime put the session on {ort32.provider}"
+                out[f"{name}/ort_fp16_vs_torch_fp32"] = {"status": "skipped", "reason": reason}
             del model, fp32, fp16
         student = out["student/torch_fp16_vs_fp32"]
         self.checks["fp16_agrees_with_fp32"] = {
@@ -615,8 +618,8 @@ class Suite:
             return
         try:
             cuda = select_providers("cuda")
-            yield "ort_cuda_fp32", lambda: OrtRunner(m["onnx_fp32"], cuda)
-            yield "ort_cuda_fp16", lambda: OrtRunner(m["onnx_fp16"], cuda)
+            yield "ort_cuda_fp32", lambda: OrtRunner(m["onnx_fp32"], cuda, device="cuda")
+            yield "ort_cuda_fp16", lambda: OrtRunner(m["onnx_fp16"], cuda, device="cuda")
         except BertforgeError as e:
             yield "ort_cuda_fp32", str(e)
             yield "ort_cuda_fp16", str(e)
@@ -633,7 +636,7 @@ class Suite:
                               "trt_engine_cache_path": str(self.work / "trt"), "trt_profile_min_shapes": dims(1, 1),
                               "trt_profile_opt_shapes": dims(32, 128),
                               "trt_profile_max_shapes": dims(max(self.cfg.batch_sizes), 128)})
-        yield "ort_tensorrt_fp16", lambda: OrtRunner(m["onnx_fp32"], trt)
+        yield "ort_tensorrt_fp16", lambda: OrtRunner(m["onnx_fp32"], trt, device="tensorrt")
 
     def timing(self) -> dict:
         cfg, vocab = self.cfg, len(self.tokenizer)

@@ -11,7 +11,7 @@ import torch
 from pipeline.artifacts import read_manifest
 from pipeline.errors import BertforgeError
 from pipeline.models import is_bertforge_pruned, load_config, load_tokenizer, resolve_model
-from pipeline.providers import BoundRunner, parse_device, select_providers, torch_device
+from pipeline.providers import BoundRunner, check_placement, parse_device, select_providers, torch_device
 
 
 class TorchClassifier:
@@ -66,6 +66,7 @@ class OrtClassifier:
             self.session = ort.InferenceSession(str(model_file), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise BertforgeError(f"cannot load ONNX model {model_file}: {str(e).splitlines()[0][:200]}") from None
+        check_placement(self.session, device)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.run = BoundRunner(self.session, parse_device(device)[1])  # on a GPU: one copy in, one out
 

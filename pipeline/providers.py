@@ -66,6 +66,14 @@ def on_gpu(session) -> bool:
     return session.get_providers()[0] in (CUDA_EP, TENSORRT_EP)
 
 
+def check_placement(session, device: str) -> None:
+    """A session asked to run on a GPU that ORT quietly put on the CPU (the provider is installed but
+    its CUDA libraries did not load) is an error, like a provider that is missing."""
+    if parse_device(device)[0] in ("cuda", "tensorrt") and not on_gpu(session):
+        raise BertforgeError(f"device {device} requested but onnxruntime could not start its GPU provider and fell "
+                             f"back to {session.get_providers()[0]} (CUDA/cuDNN libraries missing or mismatched?)")
+
+
 def torch_device(device: str = "auto") -> str:
     """A torch device string; "cuda" when torch sees no GPU is an error, "auto" falls back to "cpu"."""
     import torch
@@ -86,10 +94,8 @@ def torch_device(device: str = "auto") -> str:
 class BoundRunner:
     """Runs a GPU session with IO binding: the batch (formed on the host) is copied to the device once,
     the logits come back once, and ORT allocates nothing on the host in between. On a CPU session it is
-    a plain `session.run`.
-
-    `keep_on_device=True` (benchmarks) returns the output OrtValue without copying it back, so a
-    timed loop measures the model alone; the default returns host numpy arrays."""
+    a plain `session.run`. A benchmark binds once (`bind`) and times `run_bound` alone: the inputs stay
+    on the device and the outputs are left there."""
 
     def __init__(self, session, device_id: int = 0):
         self.session = session
@@ -103,8 +109,8 @@ class BoundRunner:
         import onnxruntime as ort
 
         binding = self.session.io_binding()
-        for name in self.input_names:
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feed[name]), "cuda", self.device_id)
+        for name, array in feed.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, "cuda", self.device_id)
@@ -115,7 +121,7 @@ class BoundRunner:
 
     def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self.gpu:
-            return self.session.run(None, {k: feed[k] for k in self.input_names})
+            return self.session.run(None, feed)
         binding = self.bind(feed)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()  # the one copy out

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline.errors import BertforgeError
-from pipeline.providers import (CPU_EP, CUDA_EP, TENSORRT_EP, BoundRunner, parse_device, provider_name,
-                                select_providers, torch_device)
+from pipeline.providers import (CPU_EP, CUDA_EP, TENSORRT_EP, BoundRunner, check_placement, parse_device,
+                                provider_name, select_providers, torch_device)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_ONLY = [CPU_EP]
@@ -86,6 +86,15 @@ def test_bound_runner_on_cpu_gives_the_session_outputs(tiny_onnx):
     feed = {k: v for k, v in feed.items() if k in runner.input_names}
     np.testing.assert_array_equal(runner(feed)[0], session.run(None, feed)[0])
     assert runner(feed)[0].shape == (3, 2)
+
+
+def test_a_session_that_fell_back_to_cpu_is_refused_for_a_gpu_device(tiny_onnx):
+    session = ort.InferenceSession(str(tiny_onnx / "model.onnx"), providers=[CPU_EP])
+    check_placement(session, "cpu")
+    check_placement(session, "auto")
+    for device in ("cuda", "cuda:1", "tensorrt"):
+        with pytest.raises(BertforgeError, match=f"device {device} requested but onnxruntime could not start"):
+            check_placement(session, device)
 
 
 @no_ort_cuda
