@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.artifacts import MANIFEST, package_versions, read_manifest
 from pipeline.errors import BertforgeError
+from pipeline.providers import select_providers, torch_device
 
 WEIGHT_SUFFIXES = (".onnx", ".onnx_data", ".data", ".safetensors", ".bin", ".pt", ".pth")
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
@@ -81,8 +82,8 @@ def usable_cores() -> int:
 def resolve_devices(device: str) -> list[str]:
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BertforgeError("--device cuda but torch sees no CUDA device")
+    if device == "cuda":
+        torch_device(device)  # a clear error when torch sees no GPU
     if device == "auto":
         return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     return [device]
@@ -226,10 +227,10 @@ def unsupported(info: dict[str, Any], device: str) -> str | None:
     if info["format"] == "onnx" and info["precision"] == "fp16" and device == "cpu":
         return "fp16 ONNX graph: built for GPUs"
     if info["format"] == "onnx" and device == "cuda":
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+        try:
+            select_providers(device)
+        except BertforgeError as e:
+            return str(e)
     return None
 
 

@@ -13,6 +13,7 @@ from pipeline.errors import BertforgeError
 # torch-free parts, kept importable from here where other stages import them
 from pipeline.onnx_runtime import _onnx_file, is_onnx_artifact, label_names  # noqa: F401
 from pipeline.models import is_bertforge_pruned, load_config, load_tokenizer, resolve_model
+from pipeline.providers import torch_device
 
 
 class TorchClassifier:
@@ -24,7 +25,7 @@ class TorchClassifier:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.path = path
-        self.device = torch.device(device)
+        self.device = torch.device(torch_device(device))
         self.config = load_config(path)
         try:
             resolved = resolve_model(path)

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.artifacts import read_manifest
 from pipeline.errors import BertforgeError
+from pipeline.providers import BoundRunner, check_placement, parse_device, select_providers
 
 
 class OrtClassifier:
@@ -31,16 +32,18 @@ class OrtClassifier:
         if num_threads:
             options.intra_op_num_threads = num_threads
             options.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        providers = select_providers(device)
         try:
             self.session = ort.InferenceSession(str(model_file), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise BertforgeError(f"cannot load ONNX model {model_file}: {str(e).splitlines()[0][:200]}") from None
+        check_placement(self.session, device)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.run = BoundRunner(self.session, parse_device(device)[1])  # on a GPU: one copy in, one out
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         feed = {k: np.asarray(v, dtype=np.int64) for k, v in inputs.items() if k in self.input_names}
-        return self.session.run(None, feed)[0].astype(np.float32)
+        return self.run(feed)[0].astype(np.float32)
 
 
 def _onnx_file(folder: Path) -> str:

@@ -23,7 +23,7 @@ def add_parser(sub):
     p.add_argument("--api-key", default=os.environ.get("BERTFORGE_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /predict and /metrics (default: $BERTFORGE_API_KEY)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the runtime")
-    p.add_argument("--device", default=DEFAULTS.device)
+    p.add_argument("--device", default=DEFAULTS.device, help="cpu, cuda[:N] (ONNX: onnxruntime-gpu, IO binding), tensorrt or auto")
     p.add_argument("--graceful-timeout", type=float, default=DEFAULTS.graceful_timeout_s,
                    help="seconds shutdown waits for requests in flight")
     p.add_argument("--log-level", default=DEFAULTS.log_level, choices=["debug", "info", "warning", "error"])
