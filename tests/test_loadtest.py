@@ -21,6 +21,7 @@ def server(tiny_bert, tmp_path_factory):
         yield url
 
 
+@pytest.mark.slow
 def test_closed_loop_run_through_the_cli(server, tmp_path, capsys):
     out = tmp_path / "lt"
     code = main(["loadtest", "--host", server, "--users", "3", "--spawn-rate", "3", "--duration", "4s", "--out", str(out)])
@@ -35,6 +36,7 @@ def test_closed_loop_run_through_the_cli(server, tmp_path, capsys):
     assert read_locust_stats(out / "locust")["requests"] == summary["requests"]
 
 
+@pytest.mark.slow
 def test_fixed_rate_pairs_from_a_glue_task(server, tmp_path, glue_dir):
     summary = run_loadtest(server, users=2, spawn_rate=2, duration="4s", out_dir=tmp_path, mode="fixed-rate",
                            rate=20, task="mrpc", glue_dir=glue_dir, batch=2)
