@@ -16,12 +16,12 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import command_line, write_results
 from pipeline.data import load_glue
 from pipeline.distill.augment import Augmenter
 from pipeline.distill.glove import load_glove
@@ -72,10 +72,9 @@ def main() -> None:
         # top-K boundary of a real-sized model: report how much of the output agrees.
         "identical_output": out_batched == out_single,
         "shared_rows_fraction": round(len(set(out_batched) & set(out_single)) / max(1, len(set(out_batched))), 4),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(json.dumps(result, indent=2))
 
 

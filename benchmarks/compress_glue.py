@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import command_line, write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFERRED_STUDENT = "tinybert-L3-H384-from-teacher"
 
@@ -207,12 +209,13 @@ def main() -> None:
             built += build_artifacts(task, str(source), name, work, args, prune_it)
         rows = [describe(task, name, path) for name, path in built]
         measure(rows, [path for _, path in built], args)
+        for row in rows:  # per row: a later run of another task rewrites the file but keeps these rows
+            row["command"] = command_line()
         table["rows"] = [r for r in table["rows"] if r["task"] != task] + rows
-        table.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(sys.argv),
+        table.update(created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      note="latencies: medians in ms, artifacts of a task interleaved in one run on this CPU; "
                           "compare ratios within a task, not absolute times across runs")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(table, indent=1) + "\n")
+        write_results(out, table, indent=1)
         log(f"{task}: {len(rows)} rows -> {out}")
 
 

@@ -21,6 +21,7 @@ import os
 import time
 from pathlib import Path
 
+from benchmarks.common import command_line, write_results
 from pipeline.artifacts import read_manifest
 from pipeline.data import get_task
 from pipeline.distill import distill
@@ -139,7 +140,7 @@ def run_one(task: str, method: str, student: str, args) -> dict:
                                                "train_file": cfg.train_file, "method_epochs": epochs,
                                                "method_options": options},
         "metrics": manifest.metrics["dev"], "train_loss": manifest.params.get("train_loss"),
-        "artifact": str(out),
+        "artifact": str(out), "seed": args.seed, "command": command_line(),
     }
 
 
@@ -186,7 +187,7 @@ def main() -> None:
                     print(f"skip {task} {method} {student}: {e}")
                     continue
                 rows.append(row)
-                path.write_text(json.dumps(rows, indent=2) + "\n")
+                write_results(path, rows)
                 print(f"{task} {method} {student}: {row['student_score']:.4f} vs teacher {row['teacher_score']:.4f} "
                       f"(retention {row['retention']}) in {row['wall_s']:.0f}s")
     table = [r for r in rows if r["task"] in args.tasks]

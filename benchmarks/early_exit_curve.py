@@ -16,7 +16,6 @@ benchmarks/results/early_exit_<task>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import command_line, write_results
 from pipeline.artifacts import read_manifest
 from pipeline.data import dev_split, get_task, load_glue
 from pipeline.distill import distill
@@ -85,9 +85,9 @@ def main() -> None:
         "task": task.name, "teacher": str(teacher.relative_to(RESULTS.parent.parent)),
         "teacher_score": teacher_manifest.score if teacher_manifest else None,
         "layers": model.num_layers, "exits_train_wall_s": manifest.wall_s, "dev_examples": len(dev),
-        "repeats": args.repeats, "threads": torch.get_num_threads(), "curves": curves,
+        "repeats": args.repeats, "threads": torch.get_num_threads(), "curves": curves, "command": command_line(),
     }
-    Path(args.out or RESULTS / f"early_exit_{task.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out or RESULTS / f"early_exit_{task.name}.json", report)
     for batch_size, curve in curves.items():
         print(f"batch {batch_size}:")
         for row in curve:

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from benchmarks.common import command_line, write_results
 from pipeline.artifacts import read_manifest
 from pipeline.data import get_task, load_glue
 from pipeline.errors import BertforgeError
@@ -76,9 +77,9 @@ def main() -> None:
             "learning_rate": manifest.params["loop"]["learning_rate"],
             "max_grad_norm": manifest.params["loop"]["max_grad_norm"],
             "train_examples": manifest.params["train_examples"], "wall_s": manifest.wall_s,
-            "artifact": str(out.relative_to(RESULTS.parent.parent)),
+            "artifact": str(out.relative_to(RESULTS.parent.parent)), "command": command_line(),
         }
-        rows_path.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
+        write_results(rows_path, list(rows.values()))
         print(f"{task.name}: dev {manifest.metrics['dev']} in {manifest.wall_s:.0f}s")
     print(json.dumps(list(rows.values()), indent=2))
 

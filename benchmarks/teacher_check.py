@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.common import command_line, write_results
 from pipeline.data import compute_metrics, get_task, load_glue
 from pipeline.models import resolve_model
 
@@ -160,7 +161,8 @@ def main() -> None:
         start = time.perf_counter()
         entry["linear_probes"] = linear_probes(task, train, dev, max_length)
         entry["linear_probes_wall_s"] = round(time.perf_counter() - start, 1)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        entry["linear_probes_command"] = command_line()
+        write_results(path, report)
     if not args.skip_finetune:
         epochs, lr = row.get("epochs", 3), row.get("learning_rate", 1e-4)
         for variant in args.variants:
@@ -174,8 +176,8 @@ def main() -> None:
                 section = "plain_transformers"
             entry.setdefault(section, {})[variant] = {
                 **result, "epochs": epochs, "learning_rate": lr, "batch_size": 32, "warmup_ratio": 0.1,
-                "wall_s": round(time.perf_counter() - start, 1)}
-            path.write_text(json.dumps(report, indent=2) + "\n")
+                "wall_s": round(time.perf_counter() - start, 1), "command": command_line()}
+            write_results(path, report)
     print(json.dumps(entry, indent=2))
 
 

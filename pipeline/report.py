@@ -3,6 +3,10 @@ inline as SVG) and report.json (every ratio against the BERT-base baseline, the 
 
 Ratios are "times better": baseline latency / artifact latency, baseline size / artifact size,
 artifact throughput / baseline throughput. All come from one bench run, measured side by side.
+
+Both pages open on the decision (the final artifact, its score against the teacher, its ratios against
+BERT-base, the command that serves it) and render the same `Table`s through the jinja2 templates in
+`pipeline/templates/`.
 """
 from __future__ import annotations
 
@@ -10,16 +14,18 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BertforgeError
 
 TEACHER_STAGES = ("finetune", "teacher")
-# The issue's aims for the final artifact: shown beside the headline numbers, met or not.
-AIMS = {"latency_b1_vs_bert_base_torch_fp32": 50.0, "latency_b1_vs_bert_base_ort_int8": 10.0,
-        "size_vs_bert_base_fp32": 25.0, "score_retained_vs_teacher": 0.97}
+# The final artifact's ratios (analyse() computes them); `ReportConfig.targets` may set a goal for any of them.
+RATIO_KEYS = ("latency_b1_vs_bert_base_torch_fp32", "latency_b1_vs_bert_base_ort_int8", "size_vs_bert_base_fp32",
+              "size_vs_bert_base_ort_int8", "throughput_vs_bert_base_torch_fp32", "throughput_vs_bert_base_ort_int8",
+              "score_retained_vs_teacher")
 COLORS = {"final": "#e4572e", "teacher": "#2e5eaa", "other": "#17a398", "baseline": "#8d99ae"}
 
 
@@ -29,6 +35,9 @@ class ReportConfig:
     teacher: str | None = None  # artifact name or path; default: a finetune-stage artifact or the final's lineage
     device: str | None = None  # device of the headline; default: cpu when measured
     command: str | None = None  # the command that made the bench, quoted in the report
+    # Goals for the final artifact's ratios, e.g. {"size_vs_bert_base_fp32": 25, "score_retained_vs_teacher": 0.97}:
+    # each is shown met or missed beside its number. Empty: the report grades nothing.
+    targets: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- numbers
@@ -55,6 +64,9 @@ def analyse(bench: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
     if final_name is not None and final_name not in by_name:
         raise BertforgeError(f"--final {final_name} is not in the bench (artifacts: {', '.join(by_name)})")
     final = by_name.get(final_name)
+    unknown = sorted(set(cfg.targets) - set(RATIO_KEYS))
+    if unknown:
+        raise BertforgeError(f"unknown report target {unknown[0]!r} (choose from {', '.join(RATIO_KEYS)})")
     teacher = find_teacher(arts, final, cfg.teacher or bench.get("teacher"))
 
     def lat(a):
@@ -102,9 +114,11 @@ def analyse(bench: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
         "ratio_convention": "times better than the baseline: baseline/artifact for latency and size, artifact/baseline for throughput",
         "final": final["name"] if final else None,
         "final_score": final.get("score") if final else None,
+        "final_path": final.get("path") if final else None,
         "teacher": teacher["name"] if teacher else None,
         "teacher_score": teacher["score"] if teacher else None,
-        "aims": {k: {"aim": v, "value": ratios.get(k), "met": ratios.get(k) is not None and ratios[k] >= v} for k, v in AIMS.items()},
+        "targets": {k: {"target": float(v), "value": ratios[k], "met": ratios[k] is not None and ratios[k] >= v}
+                    for k, v in cfg.targets.items()},
         "device": device, "devices": devices,
         "reference": {"latency_batch_size": b_lat, "throughput_batch_size": b_tp, "seq_len": seq},
         "baselines": {role: (a["name"] if a else None) for role, a in base.items()},
@@ -217,10 +231,14 @@ def plot_accuracy_latency(rep: dict, plt) -> str:
     if rep["teacher_score"] is not None:
         t = 100 * rep["teacher_score"]
         ax.axhline(t, color=COLORS["teacher"], lw=0.8, ls=":")
-        ax.axhline(t * AIMS["score_retained_vs_teacher"], color=COLORS["teacher"], lw=0.6, ls="--", alpha=0.5)
-        ax.annotate(f"{AIMS['score_retained_vs_teacher']:.0%} of teacher", (0.01, t * AIMS["score_retained_vs_teacher"]),
-                    xycoords=("axes fraction", "data"), xytext=(0, 2), textcoords="offset points", fontsize=7, color="#5b6572")
-        ys += [t, t * AIMS["score_retained_vs_teacher"]]
+        ys.append(t)
+        keep = rep["targets"].get("score_retained_vs_teacher")
+        if keep:
+            line = t * keep["target"]
+            ax.axhline(line, color=COLORS["teacher"], lw=0.6, ls="--", alpha=0.5)
+            ax.annotate(f"target: {keep['target']:.0%} of teacher", (0.01, line), xycoords=("axes fraction", "data"),
+                        xytext=(0, 2), textcoords="offset points", fontsize=7, color="#5b6572")
+            ys.append(line)
     for h in rows:
         if h["baseline"]:
             ax.axvline(h["latency_b1_p50_ms"], color=COLORS["baseline"], lw=1, ls="--")
@@ -372,257 +390,100 @@ def _lineage_chain(a: dict) -> list[dict]:
     return chain
 
 
-# ---------------------------------------------------------------- Markdown
+# ---------------------------------------------------------------- one table model, two templates
 
-def render_markdown(rep: dict) -> str:
-    r, ref = rep["ratios"], rep["reference"]
-    hw = rep["hardware"]
-    out = ["# bertforge report", ""]
-    out.append(f"Device **{rep['device']}** · {hw.get('cpu_model', '?')} ({', '.join(hw.get('cpu_flags', [])) or 'no flags read'})"
-               f"{' · GPU ' + ', '.join(hw['gpus']) if hw.get('gpus') else ''} · threads {rep['threads'].get('intra_op', '?')} · "
-               f"bench {rep.get('bench_created') or '?'}")
-    out.append("")
-    if rep.get("command"):
-        out += ["Made with:", "", "```", rep["command"], "```", ""]
-    if rep["final"]:
-        out.append(f"**Final artifact `{rep['final']}`** against the BERT-base baseline, batch {ref['latency_batch_size']}, "
-                   f"sequence {ref['seq_len']}, measured side by side:")
-        out.append("")
-        out.append(f"- {fmt_x(r['latency_b1_vs_bert_base_torch_fp32'])} lower latency than BERT-base PyTorch fp32")
-        out.append(f"- {fmt_x(r['latency_b1_vs_bert_base_ort_int8'])} lower latency than BERT-base ONNX Runtime int8")
-        out.append(f"- {fmt_x(r['size_vs_bert_base_fp32'])} smaller than BERT-base fp32")
-        if rep["final_score"] is not None:
-            keep = r["score_retained_vs_teacher"]
-            out.append(f"- dev score {fmt_score(rep['final_score'])}"
-                       + (f" vs teacher `{rep['teacher']}` {fmt_score(rep['teacher_score'])} ({100 * keep:.1f}% kept)" if keep else ""))
-        out.append("")
-    if rep["baseline_shape_only"]:
-        out += [f"> The BERT-base baseline is a randomly initialised model of its shape ({rep['baseline_shape']}; "
-                "bert-base-uncased could not be loaded here): same cost, used for speed and size only, never for accuracy.", ""]
-    out += ["## Headline", ""]
-    out.append("| " + " | ".join(c[1] for c in HEADLINE_COLUMNS) + " |")
-    out.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(HEADLINE_COLUMNS))) + "|")
-    for h in rep["headline"]:
-        cells = [fn(h[key]) if h[key] is not None or fn is not str else "—" for key, _, fn in HEADLINE_COLUMNS]
-        if h["role"] == "final":
-            cells[0] = f"**{cells[0]}** (final)"
-        elif h["role"] == "teacher" and h["artifact"] != "teacher":
-            cells[0] += " (teacher)"
-        elif h["baseline"]:
-            cells[0] += " (baseline" + (", shape only" if h["shape_only"] else "") + ")"
-        out.append("| " + " | ".join(cells) + " |")
-    out += ["", f"Latency: p50 at batch {ref['latency_batch_size']}, sequence {ref['seq_len']}; throughput at batch "
-            f"{ref['throughput_batch_size']}; size: model weight files. Scores ×100; Δ in points.", ""]
-    out += ["## Latency and throughput, every grid point", "",
-            "| Artifact | Device | Provider | Batch | Seq | Iters | p50 ms | p90 ms | p99 ms | mean ms | seq/s |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rep["latency_table"]:
-        out.append(f"| {row['artifact']} | {row['device']} | {row['provider']} | {row['batch_size']} | {row['seq_len']} | "
-                   f"{row['iters']} | {fmt_ms(row['p50_ms'])} | {fmt_ms(row['p90_ms'])} | {fmt_ms(row['p99_ms'])} | "
-                   f"{fmt_ms(row['mean_ms'])} | {fmt_tp(row['throughput_seq_s'])} |")
-    out += ["", "## Artifacts", "", "| Artifact | Stage | Parameters | Weights MB | Folder MB | Cold start s | Peak RSS Δ MB |",
-            "|---|---|---:|---:|---:|---:|---:|"]
-    for a in rep["artifacts"]:
-        cs = (a.get("cold_start") or {}).get(rep["device"], {})
-        out.append(f"| {a['name']} | {a.get('stage') or '—'} | {fmt_num(a.get('num_parameters'))} | "
-                   f"{(a.get('model_bytes') or 0) / 1e6:.1f} | {a['size_bytes'] / 1e6:.1f} | "
-                   f"{cs.get('total_s', '—')} | {cs.get('peak_rss_delta_mb', '—')} |")
-    out += ["", "## Lineage", ""]
-    for a in rep["artifacts"]:
-        steps = " → ".join(f"{c['stage']}" + (f" `{c['name']}`" if c["name"] else "")
-                           + (f" ({fmt_score(c['score'])})" if c.get("score") is not None else "") for c in _lineage_chain(a))
-        out.append(f"- **{a['name']}**: {steps}")
-    out += ["", "## Hardware and versions", ""]
-    for k, v in hw.items():
-        out.append(f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
-    out.append(f"- threads: {json.dumps(rep['threads'])}")
-    out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()))
-    cfg = rep["bench_config"]
-    out += ["", f"Method: artifacts take turns in {cfg.get('slice_seconds', '?')} s slices per grid point (round robin) "
-            f"after {cfg.get('warmup', '?')} warm-up calls, until each has {cfg.get('min_iters', '?')} iterations and "
-            f"{cfg.get('min_seconds', '?')} s; full-length random token sequences, no padding.", ""]
-    if rep["skipped"]:
-        out += ["Skipped: " + "; ".join(f"{s['artifact']} ({s['reason']})" for s in rep["skipped"]), ""]
-    return "\n".join(out)
+@dataclass
+class Row:
+    cells: list[str]
+    role: str = ""  # final, teacher, other or baseline: the row's look
+    tag: str | None = None  # a badge after the first cell ("final", "baseline · shape only")
 
 
-# ---------------------------------------------------------------- HTML
-
-CSS = """
-:root { --ink:#1f2933; --muted:#5b6572; --line:#e3e7ed; --bg:#f6f7f9; --card:#fff; --accent:#e4572e;
-        --teacher:#2e5eaa; --ok:#1a7f4b; --no:#b23a2b; }
-* { box-sizing: border-box; }
-body { margin:0; background:var(--bg); color:var(--ink); font: 14px/1.5 Inter, "Helvetica Neue", Arial, "DejaVu Sans", sans-serif; }
-main { max-width: 1180px; margin: 0 auto; padding: 32px 28px 48px; }
-header h1 { font-size: 26px; margin: 0 0 4px; letter-spacing: -0.01em; }
-header h1 span { color: var(--accent); }
-header p { margin: 0; color: var(--muted); }
-h2 { font-size: 16px; margin: 34px 0 12px; }
-.kpis { display: grid; grid-template-columns: repeat(4, 1fr); gap: 14px; margin-top: 22px; }
-.kpi { background: var(--card); border: 1px solid var(--line); border-radius: 12px; padding: 16px 18px; }
-.kpi .v { font-size: 30px; font-weight: 700; letter-spacing: -0.02em; }
-.kpi .l { color: var(--muted); font-size: 12.5px; }
-.kpi .aim { font-size: 12px; margin-top: 6px; }
-.met { color: var(--ok); } .unmet { color: var(--no); }
-.banner { margin-top: 18px; padding: 10px 14px; border-radius: 10px; background: #fff7e6; border: 1px solid #f3d9a4; font-size: 13px; }
-.card { background: var(--card); border: 1px solid var(--line); border-radius: 12px; padding: 14px 16px; overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; font-size: 13px; font-variant-numeric: tabular-nums; }
-th { text-align: right; font-weight: 600; color: var(--muted); font-size: 11px; text-transform: uppercase;
-     letter-spacing: .03em; padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: bottom; }
-td { text-align: right; padding: 7px 8px; border-bottom: 1px solid #f0f2f5; white-space: nowrap; }
-th:first-child, td:first-child, th.l, td.l { text-align: left; }
-tr.final td { background: #fff1ec; font-weight: 600; }
-tr.baseline td { color: var(--muted); }
-.tag { display: inline-block; font-size: 10.5px; font-weight: 600; padding: 1px 7px; border-radius: 999px; margin-left: 6px;
-       vertical-align: 1px; background: #eef1f5; color: var(--muted); }
-.tag.final { background: var(--accent); color: #fff; } .tag.teacher { background: var(--teacher); color: #fff; }
-.plots { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
-figure { margin: 0; background: var(--card); border: 1px solid var(--line); border-radius: 12px; padding: 12px; }
-figure svg { width: 100%; height: auto; display: block; }
-figcaption { color: var(--muted); font-size: 12px; margin-top: 6px; }
-.chain { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; margin: 6px 0 12px; }
-.chain .n { font-weight: 600; min-width: 150px; }
-.step { border: 1px solid var(--line); border-radius: 8px; padding: 3px 9px; background: #fafbfc; font-size: 12.5px; }
-.step b { font-weight: 600; } .step small { color: var(--muted); }
-.arrow { color: #aab2bd; }
-dl { display: grid; grid-template-columns: 180px 1fr; gap: 4px 14px; margin: 0; font-size: 13px; }
-dt { color: var(--muted); } dd { margin: 0; }
-details summary { cursor: pointer; color: var(--muted); margin: 8px 0; }
-footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
-code, pre { font-family: "JetBrains Mono", Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: 12px; }
-pre { background: #1f2933; color: #e8edf3; padding: 12px 14px; border-radius: 10px; white-space: pre-wrap; overflow-wrap: anywhere; }
-@media (max-width: 900px) { .kpis { grid-template-columns: 1fr 1fr; } .plots { grid-template-columns: 1fr; } }
-"""
-
-TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>bertforge report{% if rep.final %}: {{ rep.final }}{% endif %}</title><style>{{ css|safe }}</style></head>
-<body><main>
-<header>
-  <h1>bert<span>forge</span> report</h1>
-  <p>{{ hw.cpu_model or "CPU" }}{% if hw.cpu_flags %} ({{ hw.cpu_flags|join(", ") }}){% endif %}
-     {%- if hw.gpus %} · GPU {{ hw.gpus|join(", ") }}{% endif %} · {{ rep.threads.intra_op }} thread{{ "s" if rep.threads.intra_op != 1 }} · device {{ rep.device }}
-     · batch {{ ref.latency_batch_size }}, sequence {{ ref.seq_len }} · {{ rep.bench_created or "" }}</p>
-</header>
-{% if rep.final %}
-<section class="kpis">
-{% for k in kpis %}
-  <div class="kpi"><div class="v">{{ k.value }}</div><div class="l">{{ k.label }}</div>
-  {% if k.aim %}<div class="aim {{ 'met' if k.met else 'unmet' }}">{{ '✓' if k.met else '✗' }} aim {{ k.aim }}</div>{% endif %}</div>
-{% endfor %}
-</section>
-{% endif %}
-{% if rep.baseline_shape_only %}
-<div class="banner"><b>Shape-only baseline.</b> bert-base-uncased could not be loaded here, so the BERT-base rows are a randomly
-initialised model of its shape ({{ rep.baseline_shape }}): the same cost to run and store.
-They are used for speed and size only, never for accuracy.</div>
-{% endif %}
-
-<h2>Headline</h2>
-<div class="card"><table>
-<thead><tr>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
-<tbody>
-{% for row in headline %}<tr class="{{ row.role }}">
-  <td>{{ row.cells[0] }}{% if row.tag %}<span class="tag {{ row.role }}">{{ row.tag }}</span>{% endif %}</td>
-  {% for c in row.cells[1:] %}<td>{{ c }}</td>{% endfor %}</tr>
-{% endfor %}
-</tbody></table>
-<p style="color:var(--muted);font-size:12px;margin:8px 0 0">Latency: p50 at batch {{ ref.latency_batch_size }}, sequence
-{{ ref.seq_len }} on {{ rep.device }}; throughput at batch {{ ref.throughput_batch_size }}. Size: model weight files.
-Dev scores ×100, Δ in points. × = times better than the BERT-base baseline, measured side by side in one run.</p></div>
-
-<h2>Plots</h2>
-<div class="plots">
-{% for p in plots %}<figure id="plot-{{ p.id }}">{{ p.svg|safe }}<figcaption>{{ p.caption }}</figcaption></figure>
-{% endfor %}
-</div>
-
-<h2>Every grid point</h2>
-<div class="card"><table>
-<thead><tr><th>Artifact</th><th class="l">Device</th><th class="l">Provider</th><th>Batch</th><th>Seq</th><th>Iters</th>
-<th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>Mean ms</th><th>Seq/s</th></tr></thead><tbody>
-{% for r in grid %}<tr><td>{{ r.artifact }}</td><td class="l">{{ r.device }}</td><td class="l">{{ r.provider }}</td>
-<td>{{ r.batch_size }}</td><td>{{ r.seq_len }}</td><td>{{ r.iters }}</td><td>{{ r.p50 }}</td><td>{{ r.p90 }}</td>
-<td>{{ r.p99 }}</td><td>{{ r.mean }}</td><td>{{ r.tp }}</td></tr>
-{% endfor %}</tbody></table></div>
-
-<h2>Artifacts</h2>
-<div class="card"><table>
-<thead><tr><th>Artifact</th><th class="l">Stage</th><th>Parameters</th><th>Weights MB</th><th>Folder MB</th>
-<th>Load s</th><th>First call s</th><th>Peak RSS Δ MB</th></tr></thead><tbody>
-{% for a in arts %}<tr><td>{{ a.name }}</td><td class="l">{{ a.stage }}</td><td>{{ a.params }}</td><td>{{ a.weights }}</td>
-<td>{{ a.folder }}</td><td>{{ a.load }}</td><td>{{ a.first }}</td><td>{{ a.rss }}</td></tr>
-{% endfor %}</tbody></table>
-<p style="color:var(--muted);font-size:12px;margin:8px 0 0">Cold start measured {{ cold_method }}: load, then the first call at
-batch 1; peak RSS Δ is the rise of the process's resident memory over it.</p></div>
-
-<h2>Lineage</h2>
-<div class="card">
-{% for a in lineage %}<div class="chain"><span class="n">{{ a.name }}</span>
-{% for s in a.chain %}{% if not loop.first %}<span class="arrow">→</span>{% endif %}<span class="step"><b>{{ s.stage }}</b>
-{% if s.name %} <small>{{ s.name }}</small>{% endif %}{% if s.score is not none %} · {{ "%.2f"|format(100 * s.score) }}{% endif %}
-{% if s.precision and s.format %} <small>{{ s.format }} {{ s.precision }}</small>{% endif %}</span>{% endfor %}</div>
-{% endfor %}</div>
-
-<h2>Hardware, threads and versions</h2>
-<div class="card"><dl>
-{% for k, v in hw_items %}<dt>{{ k }}</dt><dd>{{ v }}</dd>{% endfor %}
-<dt>threads</dt><dd>{{ threads }}</dd>
-<dt>method</dt><dd>{{ method }}</dd>
-<dt>versions</dt><dd>{% for k, v in rep.versions.items() %}{{ k }} <b>{{ v }}</b>{% if not loop.last %} · {% endif %}{% endfor %}</dd>
-</dl>
-{% if rep.skipped %}<details><summary>{{ rep.skipped|length }} skipped measurement(s)</summary><ul>
-{% for s in rep.skipped %}<li>{{ s.artifact }} on {{ s.device }}{% if s.seq_len %} (b{{ s.batch_size }} s{{ s.seq_len }}){% endif %}: {{ s.reason }}</li>{% endfor %}
-</ul></details>{% endif %}
-</div>
-{% if rep.command %}<h2>Command</h2><pre>{{ rep.command }}</pre>{% endif %}
-<footer>bertforge · report.json holds every number on this page.</footer>
-</main></body></html>
-"""
+@dataclass
+class Table:
+    """What both templates render: report.md as a Markdown table, report.html as an HTML one."""
+    title: str
+    columns: list[str]
+    rows: list[Row]
+    notes: str = ""
+    left: int = 1  # the first `left` columns hold text (left-aligned); the rest are numbers
 
 
-def render_html(rep: dict, plots: dict[str, str]) -> str:
-    import jinja2
-
-    r, ref, hw = rep["ratios"], rep["reference"], rep["hardware"]
-    aims = rep["aims"]
-    kpis = [
-        {"value": fmt_x(r["latency_b1_vs_bert_base_torch_fp32"]), "label": "lower latency than BERT-base PyTorch fp32",
-         "aim": f"≥ {AIMS['latency_b1_vs_bert_base_torch_fp32']:.0f}×", "met": aims["latency_b1_vs_bert_base_torch_fp32"]["met"]},
-        {"value": fmt_x(r["latency_b1_vs_bert_base_ort_int8"]), "label": "lower latency than BERT-base ONNX Runtime int8",
-         "aim": f"≥ {AIMS['latency_b1_vs_bert_base_ort_int8']:.0f}×", "met": aims["latency_b1_vs_bert_base_ort_int8"]["met"]},
-        {"value": fmt_x(r["size_vs_bert_base_fp32"]), "label": "smaller on disk than BERT-base fp32",
-         "aim": f"≥ {AIMS['size_vs_bert_base_fp32']:.0f}×", "met": aims["size_vs_bert_base_fp32"]["met"]},
-    ]
-    keep = r["score_retained_vs_teacher"]
-    kpis.append({"value": f"{100 * keep:.1f}%" if keep else fmt_score(rep["final_score"]),
-                 "label": (f"of the teacher's dev score ({fmt_score(rep['final_score'])} vs {fmt_score(rep['teacher_score'])})"
-                           if keep else "dev score of the final artifact"),
-                 "aim": f"≥ {AIMS['score_retained_vs_teacher']:.0%}" if keep else None,
-                 "met": aims["score_retained_vs_teacher"]["met"]})
+def report_tables(rep: dict) -> list[Table]:
+    """The headline, every grid point, and the artifacts, formatted for reading."""
+    ref, device = rep["reference"], rep["device"]
     headline = []
     for h in rep["headline"]:
-        cells = [fn(h[key]) if h[key] is not None else "—" for key, _, fn in HEADLINE_COLUMNS]
         tag = {"final": "final", "teacher": "teacher"}.get(h["role"])
         if h["baseline"]:
             tag = "baseline · shape only" if h["shape_only"] else "baseline"
-        headline.append({"role": h["role"], "cells": cells, "tag": tag})
-    grid = [{**row, "p50": fmt_ms(row["p50_ms"]), "p90": fmt_ms(row["p90_ms"]), "p99": fmt_ms(row["p99_ms"]),
-             "mean": fmt_ms(row["mean_ms"]), "tp": fmt_tp(row["throughput_seq_s"])} for row in rep["latency_table"]]
+        headline.append(Row([fn(h[key]) if h[key] is not None else "—" for key, _, fn in HEADLINE_COLUMNS], h["role"], tag))
+    grid = [Row([r["artifact"], r["device"], r["provider"], str(r["batch_size"]), str(r["seq_len"]), str(r["iters"]),
+                 fmt_ms(r["p50_ms"]), fmt_ms(r["p90_ms"]), fmt_ms(r["p99_ms"]), fmt_ms(r["mean_ms"]),
+                 fmt_tp(r["throughput_seq_s"])]) for r in rep["latency_table"]]
     arts, methods = [], set()
     for a in rep["artifacts"]:
-        cs = (a.get("cold_start") or {}).get(rep["device"], {})
+        cs = (a.get("cold_start") or {}).get(device, {})
         methods.add(cs.get("method", "?"))
-        arts.append({"name": a["name"], "stage": a.get("stage") or "—", "params": fmt_num(a.get("num_parameters")),
-                     "weights": f"{(a.get('model_bytes') or 0) / 1e6:.1f}", "folder": f"{a['size_bytes'] / 1e6:.1f}",
-                     "load": cs.get("load_s", "—"), "first": cs.get("first_inference_s", "—"), "rss": cs.get("peak_rss_delta_mb", "—")})
-    captions = {
-        "accuracy_latency": "Dev score against batch-1 latency; dashed lines: the BERT-base baselines (no score: speed only). "
-                            "Diamonds: ONNX Runtime, circles: PyTorch.",
-        "size": "Model weight files on disk; × smaller against BERT-base fp32.",
-        "latency_distribution": "Every measured call, interleaved with the other artifacts.",
-        "throughput": "Sequences per second against batch size; dashed: baselines.",
-    }
+        arts.append(Row([a["name"], a.get("stage") or "—", fmt_num(a.get("num_parameters")),
+                         f"{(a.get('model_bytes') or 0) / 1e6:.1f}", f"{a['size_bytes'] / 1e6:.1f}",
+                         *(str(cs.get(k, "—")) for k in ("load_s", "first_inference_s", "peak_rss_delta_mb"))]))
+    cold = " and ".join(sorted(methods)).replace("subprocess", "in a fresh process").replace("inprocess", "in the bench process")
+    return [
+        Table("Headline", [c[1] for c in HEADLINE_COLUMNS], headline, left=3, notes=(
+            f"Latency: p50 at batch {ref['latency_batch_size']}, sequence {ref['seq_len']} on {device}; throughput at "
+            f"batch {ref['throughput_batch_size']}. Size: model weight files. Dev scores ×100, Δ in points. "
+            "× = times better than the BERT-base baseline, measured side by side in one run.")),
+        Table("Every grid point", ["Artifact", "Device", "Provider", "Batch", "Seq", "Iters", "p50 ms", "p90 ms", "p99 ms",
+                                   "Mean ms", "Seq/s"], grid, left=3),
+        Table("Artifacts", ["Artifact", "Stage", "Parameters", "Weights MB", "Folder MB", "Load s", "First call s",
+                            "Peak RSS Δ MB"], arts, left=2, notes=(
+            f"Cold start measured {cold}: load, then the first call at batch 1; peak RSS Δ is the rise of the process's "
+            "resident memory over it.")),
+    ]
+
+
+def decision(rep: dict) -> dict | None:
+    """The first screen: which artifact, how good against its teacher, how fast and small against BERT-base,
+    and the command that serves it. None when the bench names no final artifact."""
+    if not rep["final"]:
+        return None
+    r, ref, targets = rep["ratios"], rep["reference"], rep["targets"]
+
+    def kpi(key, value, label):
+        t = targets.get(key)
+        target = None
+        if t:
+            target = f"≥ {t['target']:.0%}" if key == "score_retained_vs_teacher" else f"≥ {t['target']:g}×"
+        return {"value": value, "label": label, "target": target, "met": bool(t and t["met"])}
+
+    keep = r["score_retained_vs_teacher"]
+    kpis = [kpi("score_retained_vs_teacher", f"{100 * keep:.1f}%" if keep else fmt_score(rep["final_score"]),
+                f"of the teacher's dev score ({fmt_score(rep['final_score'])} vs {fmt_score(rep['teacher_score'])})"
+                if keep else "dev score of the final artifact"),
+            kpi("latency_b1_vs_bert_base_torch_fp32", fmt_x(r["latency_b1_vs_bert_base_torch_fp32"]),
+                "lower latency than BERT-base PyTorch fp32"),
+            kpi("latency_b1_vs_bert_base_ort_int8", fmt_x(r["latency_b1_vs_bert_base_ort_int8"]),
+                "lower latency than BERT-base ONNX Runtime int8"),
+            kpi("size_vs_bert_base_fp32", fmt_x(r["size_vs_bert_base_fp32"]), "smaller on disk than BERT-base fp32")]
+    final = next(h for h in rep["headline"] if h["artifact"] == rep["final"])
+    teacher = f" Its teacher ({rep['teacher']}) scores {fmt_score(rep['teacher_score'])}." if rep["teacher"] else ""
+    facts = [f"{final['format']} {final['precision'] or ''}".strip(), f"{fmt_num(final['num_parameters'])} parameters",
+             f"{final['size_mb']} MB" if final["size_mb"] is not None else None, f"dev score {fmt_score(final['score'])}"]
+    summary = (", ".join(f for f in facts if f and "—" not in f) + f".{teacher} Against BERT-base at batch "
+               f"{ref['latency_batch_size']}, sequence {ref['seq_len']} on {rep['device']}, measured side by side in one run:")
+    met = [t["met"] for t in targets.values()]
+    if met:
+        summary = f"{sum(met)} of {len(met)} targets met. " + summary
+    return {"final": rep["final"], "summary": summary, "kpis": kpis,
+            "serve": f"bertforge serve --model {shlex.quote(str(rep['final_path'] or rep['final']))}"}
+
+
+def render(rep: dict, plots: dict[str, str], fmt: str) -> str:
+    """report.md (`fmt="md"`) or report.html (`fmt="html"`) from the templates in pipeline/templates/."""
+    import jinja2
+
+    hw = rep["hardware"]
     cfg = rep["bench_config"]
     method = (f"artifacts take turns in {cfg.get('slice_seconds')} s slices (round robin) after {cfg.get('warmup')} warm-up calls, "
               f"until each has ≥ {cfg.get('min_iters')} calls and ≥ {cfg.get('min_seconds')} s per grid point; "
@@ -632,13 +493,23 @@ def render_html(rep: dict, plots: dict[str, str]) -> str:
     t = rep["threads"]
     threads = (f"{t.get('intra_op')} intra-op (torch {t.get('torch_num_threads')}, ONNX Runtime {t.get('intra_op')}), "
                f"ONNX Runtime inter-op {t.get('ort_inter_op')}" + "".join(f", {k}={v}" for k, v in (t.get("env") or {}).items()))
-    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(TEMPLATE).render(
-        rep=rep, ref=ref, hw=hw, css=CSS, kpis=kpis, columns=[c[1] for c in HEADLINE_COLUMNS], headline=headline,
-        plots=[{"id": k, "svg": v, "caption": captions[k]} for k, v in plots.items()], grid=grid, arts=arts,
-        cold_method=" and ".join(sorted(methods)).replace("subprocess", "in a fresh process").replace("inprocess", "in the bench process"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), trim_blocks=True, lstrip_blocks=True,
+                             autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default=False),
+                             keep_trailing_newline=True)
+    return env.get_template(f"report.{fmt}.j2").render(
+        rep=rep, ref=rep["reference"], hw=hw, decision=decision(rep), tables=report_tables(rep),
+        plots=[{"id": k, "svg": v, "caption": PLOT_CAPTIONS[k]} for k, v in plots.items()],
         lineage=[{"name": a["name"], "chain": _lineage_chain(a)} for a in rep["artifacts"]],
         hw_items=hw_items, threads=threads, method=method)
+
+
+PLOT_CAPTIONS = {
+    "accuracy_latency": "Dev score against batch-1 latency; dashed lines: the BERT-base baselines (no score: speed only). "
+                        "Diamonds: ONNX Runtime, circles: PyTorch.",
+    "size": "Model weight files on disk; × smaller against BERT-base fp32.",
+    "latency_distribution": "Every measured call, interleaved with the other artifacts.",
+    "throughput": "Sequences per second against batch size; dashed: baselines.",
+}
 
 
 def build_report(bench: dict[str, Any], out_dir: str | Path, cfg: ReportConfig | None = None) -> dict[str, Any]:
@@ -654,8 +525,8 @@ def build_report(bench: dict[str, Any], out_dir: str | Path, cfg: ReportConfig |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(rep, bench)
-    (out / "report.md").write_text(render_markdown(rep) + "\n")
-    (out / "report.html").write_text(render_html(rep, plots))
+    (out / "report.md").write_text(render(rep, plots, "md"))
+    (out / "report.html").write_text(render(rep, plots, "html"))
     (out / "report.json").write_text(json.dumps(_finite(rep), indent=1) + "\n")
     return rep
 

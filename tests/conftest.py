@@ -61,3 +61,14 @@ def glue_dir() -> Path:
     if not GLUE_DIR.is_dir():
         pytest.skip("../shared/glue_data not present")
     return GLUE_DIR
+
+
+@pytest.fixture(scope="session")
+def sst2_dir() -> Path:
+    """A folder holding SST-2 in the GLUE layout: the GLUE folder when it has SST-2, else the sample shipped
+    with the package (the full dev set, 4,000 train rows), so SST-2-only tests run on any clone."""
+    if (GLUE_DIR / "SST-2").is_dir():
+        return GLUE_DIR
+    from pipeline.data import sample_data_dir
+
+    return sample_data_dir()

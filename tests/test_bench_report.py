@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -98,12 +99,13 @@ def test_bench_skips_sequences_past_the_model_and_rejects_bad_input(models, tmp_
         BenchConfig(batch_sizes=[0])
 
 
+@pytest.mark.slow
 def test_cold_start_in_a_fresh_process(models):
     cs = cold_start_subprocess(models["ort_int8"], "cpu", 1, "int8", 32)
     assert cs["load_s"] > 0 and cs["first_inference_s"] > 0 and cs["import_s"] > 0 and cs["peak_rss_delta_mb"] > 0
 
 
-def test_report_ratios_and_files(bench, tmp_path):
+def test_report_ratios_and_files(bench, models, tmp_path):
     rep = build_report(bench, tmp_path, ReportConfig(final="student"))
     for name in ("report.md", "report.html", "report.json"):
         assert (tmp_path / name).stat().st_size > 500
@@ -126,12 +128,34 @@ def test_report_ratios_and_files(bench, tmp_path):
 
     md = (tmp_path / "report.md").read_text()
     assert "| Artifact | Format | Precision | Dev score |" in md and "**student** (final)" in md
+    # the first screen is the decision: the final artifact, its ratios and the command that serves it
+    serve = f"bertforge serve --model {shlex.quote(str(models['student']))}"
+    assert md.startswith("# bertforge report\n\n## Final artifact: `student`")
+    assert md.index("97.8%") < md.index(serve) < md.index("## Headline")
+    assert f"{r['size_vs_bert_base_fp32']:.1f}×" in md[:md.index(serve)]
     assert "shape only" in md and "## Lineage" in md and "finetune `teacher` (90.00)" in md
     page = (tmp_path / "report.html").read_text()
+    assert page.index('id="decision"') < page.index(serve) < page.index("<table")
     assert page.count("<svg") == 4 and "<script" not in page
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)  # self-contained: nothing fetched
     for plot in ("accuracy_latency", "size", "latency_distribution", "throughput"):
         assert f'id="plot-{plot}"' in page
+
+
+def test_report_grades_only_against_the_targets_it_is_given(bench, tmp_path):
+    rep = build_report(bench, tmp_path / "plain", ReportConfig(final="student"))
+    assert rep["targets"] == {}
+    assert "target" not in (tmp_path / "plain" / "report.md").read_text()
+    assert "target" not in (tmp_path / "plain" / "report.html").read_text()
+
+    targets = {"size_vs_bert_base_fp32": 1.0, "score_retained_vs_teacher": 0.99}  # 0.88 / 0.90 keeps 97.8%
+    rep = build_report(bench, tmp_path / "graded", ReportConfig(final="student", targets=targets))
+    assert rep["targets"]["size_vs_bert_base_fp32"]["met"] and not rep["targets"]["score_retained_vs_teacher"]["met"]
+    md = (tmp_path / "graded" / "report.md").read_text()
+    assert "1 of 2 targets met" in md and "(target ≥ 99%: missed)" in md and "(target ≥ 1×: met)" in md
+    assert json.loads((tmp_path / "graded" / "report.json").read_text())["targets"]["score_retained_vs_teacher"]["target"] == 0.99
+    with pytest.raises(BertforgeError, match="unknown report target 'speed'"):
+        build_report(bench, tmp_path / "bad", ReportConfig(targets={"speed": 2.0}))
 
 
 def test_report_defaults_final_to_last_and_finds_teacher_in_lineage(bench, tmp_path):

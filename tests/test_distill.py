@@ -200,6 +200,7 @@ def test_regression_task_uses_mse_to_the_teacher(tmp_path, glue_dir):
 
 
 # -- resume --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_continues_a_killed_run(teacher, small_glue, tmp_path):
     args = ["distill", "--stage", "task", "--teacher", str(teacher), "--task", "sst2", "--glue-dir", str(small_glue),
             "--student-config", student_json(tmp_path, hidden=16, heads=2), "--max-train-examples", "64",

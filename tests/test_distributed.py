@@ -19,6 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_identical_weights(tiny_bert, tmp_path):
     launcher = Path(sys.executable).with_name("accelerate")
     if not launcher.is_file():

@@ -27,7 +27,7 @@ DEV = 200  # dev examples scored in these tests
 
 
 @pytest.fixture(scope="module")
-def mid_bert(tmp_path_factory, glue_dir):
+def mid_bert(tmp_path_factory, sst2_dir):
     """hidden 128, FFN 512: weights dominate the file, as in real models. Initialised wider than BERT's
     0.02 so predictions depend on the input, with the decision boundary at the median logit gap: many
     near-ties, the hardest case for agreement after quantization."""
@@ -36,7 +36,7 @@ def mid_bert(tmp_path_factory, glue_dir):
     model.config.initializer_range = 0.2
     torch.manual_seed(0)
     model.apply(model._init_weights)
-    dev = load_glue("sst2", "dev", glue_dir)[:DEV]
+    dev = load_glue("sst2", "dev", sst2_dir)[:DEV]
     logits = predict_logits(TorchClassifier.from_model(model.eval(), load_tokenizer(path)), dev, get_task("sst2"), 64, progress=False)
     with torch.no_grad():
         model.classifier.bias[1] -= float(np.median(logits[:, 1] - logits[:, 0]))
@@ -45,15 +45,15 @@ def mid_bert(tmp_path_factory, glue_dir):
 
 
 @pytest.fixture(scope="module")
-def exported(mid_bert, glue_dir, tmp_path_factory):
+def exported(mid_bert, sst2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     for name, optimize in (("plain", "none"), ("fused", "O2")):
-        export(ExportConfig(model=str(mid_bert), out=str(root / name), glue_dir=str(glue_dir), optimize=optimize,
+        export(ExportConfig(model=str(mid_bert), out=str(root / name), glue_dir=str(sst2_dir), optimize=optimize,
                             validation_examples=64, evaluate_dev=False), progress=False)
     return root
 
 
-def test_export_parity_and_loaders(mid_bert, exported, glue_dir):
+def test_export_parity_and_loaders(mid_bert, exported, sst2_dir):
     from optimum.onnxruntime import ORTModelForSequenceClassification
 
     for name in ("plain", "fused"):
@@ -71,9 +71,9 @@ def test_export_parity_and_loaders(mid_bert, exported, glue_dir):
                 np.testing.assert_allclose(ort_model(**enc).logits.numpy(), torch_model(**enc).logits.numpy(), atol=1e-4)
     # bertforge's own runtime and evaluation read the folder too
     assert load_runtime(exported / "fused").format == "onnx"
-    dev = load_glue("sst2", "dev", glue_dir)[:32]
-    onnx_score = evaluate(str(exported / "fused"), "sst2", glue_dir, progress=False, examples=dev).metrics["score"]
-    assert onnx_score == evaluate(str(mid_bert), "sst2", glue_dir, progress=False, examples=dev).metrics["score"]
+    dev = load_glue("sst2", "dev", sst2_dir)[:32]
+    onnx_score = evaluate(str(exported / "fused"), "sst2", sst2_dir, progress=False, examples=dev).metrics["score"]
+    assert onnx_score == evaluate(str(mid_bert), "sst2", sst2_dir, progress=False, examples=dev).metrics["score"]
 
 
 def test_fused_graph_holds_fused_operators(exported):
@@ -84,17 +84,17 @@ def test_fused_graph_holds_fused_operators(exported):
     assert fused["Attention"] == 2  # one per layer
 
 
-def test_pruned_model_exports_and_fuses(tiny_bert, glue_dir, tmp_path):
-    prune(PruneConfig(model=str(tiny_bert), task="sst2", out=str(tmp_path / "pruned"), glue_dir=str(glue_dir),
+def test_pruned_model_exports_and_fuses(tiny_bert, sst2_dir, tmp_path):
+    prune(PruneConfig(model=str(tiny_bert), task="sst2", out=str(tmp_path / "pruned"), glue_dir=str(sst2_dir),
                       heads=0.5, ffn=0.5, importance_examples=32), progress=False)
-    m = export(ExportConfig(model=str(tmp_path / "pruned"), out=str(tmp_path / "onnx"), glue_dir=str(glue_dir),
+    m = export(ExportConfig(model=str(tmp_path / "pruned"), out=str(tmp_path / "onnx"), glue_dir=str(sst2_dir),
                             validation_examples=64, evaluate_dev=False), progress=False)
     assert m.params["validation"]["optimized"]["validated"]
     assert m.params["fused_ops"]["Attention"] == 2
 
 
-def test_dynamic_int8_is_small_and_agrees(exported, glue_dir, tmp_path):
-    m = quantize(QuantizeConfig(model=str(exported / "fused"), out=str(tmp_path / "q"), glue_dir=str(glue_dir),
+def test_dynamic_int8_is_small_and_agrees(exported, sst2_dir, tmp_path):
+    m = quantize(QuantizeConfig(model=str(exported / "fused"), out=str(tmp_path / "q"), glue_dir=str(sst2_dir),
                                 eval_examples=DEV), progress=False)
     fp32, int8 = (exported / "fused" / "model.onnx").stat().st_size, (tmp_path / "q" / "model.onnx").stat().st_size
     assert fp32 / int8 >= 3.0
@@ -103,13 +103,13 @@ def test_dynamic_int8_is_small_and_agrees(exported, glue_dir, tmp_path):
     assert abs(m.metrics["dev"]["score"] - m.metrics["source_dev"]["score"]) <= 0.05
 
 
-def test_static_int8_and_fp16(exported, glue_dir, tmp_path):
+def test_static_int8_and_fp16(exported, sst2_dir, tmp_path):
     m = quantize(QuantizeConfig(model=str(exported / "plain"), out=str(tmp_path / "s"), mode="static",
-                                glue_dir=str(glue_dir), calibration_examples=64, eval_examples=DEV), progress=False)
+                                glue_dir=str(sst2_dir), calibration_examples=64, eval_examples=DEV), progress=False)
     assert (exported / "plain" / "model.onnx").stat().st_size / (tmp_path / "s" / "model.onnx").stat().st_size >= 3.0
     assert m.params["agreement_with_source"]["label_agreement"] >= 0.9
     with pytest.raises(BertforgeError, match="unfused"):
-        quantize(QuantizeConfig(model=str(exported / "fused"), out=str(tmp_path / "s2"), mode="static", glue_dir=str(glue_dir)))
+        quantize(QuantizeConfig(model=str(exported / "fused"), out=str(tmp_path / "s2"), mode="static", glue_dir=str(sst2_dir)))
 
     h = quantize(QuantizeConfig(model=str(exported / "fused"), out=str(tmp_path / "h"), mode="fp16"), progress=False)
     graph = onnx.load(str(tmp_path / "h" / "model.onnx"))
@@ -118,9 +118,10 @@ def test_static_int8_and_fp16(exported, glue_dir, tmp_path):
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64  # inputs unchanged
 
 
-def test_accuracy_aware_meets_tolerance(exported, glue_dir, tmp_path):
+@pytest.mark.slow
+def test_accuracy_aware_meets_tolerance(exported, sst2_dir, tmp_path):
     m = quantize(QuantizeConfig(model=str(exported / "plain"), out=str(tmp_path / "aa"), mode="static",
-                                glue_dir=str(glue_dir), tolerance=0.0, calibration_examples=64, eval_examples=DEV,
+                                glue_dir=str(sst2_dir), tolerance=0.0, calibration_examples=64, eval_examples=DEV,
                                 sensitivity_examples=32), progress=False)
     report = m.params["accuracy_aware"]
     assert report["met"] and report["score"] >= report["fp32_score"]
@@ -137,9 +138,10 @@ def test_accuracy_aware_meets_tolerance(exported, glue_dir, tmp_path):
     assert any(set(n.input) & dequantized for n in graph.node if n.op_type == "MatMul")  # the rest is int8
 
 
-def test_neural_compressor_backend(tiny_bert, glue_dir, tmp_path):
+@pytest.mark.slow
+def test_neural_compressor_backend(tiny_bert, sst2_dir, tmp_path):
     m = quantize(QuantizeConfig(model=str(tiny_bert), out=str(tmp_path / "inc"), mode="inc-dynamic",
-                                glue_dir=str(glue_dir), calibration_examples=16, eval_examples=64), progress=False)
+                                glue_dir=str(sst2_dir), calibration_examples=16, eval_examples=64), progress=False)
     assert m.format == "pytorch" and m.precision == "int8" and (tmp_path / "inc" / "model.pt2").is_file()
     assert m.params["agreement_with_source"]["max_abs_diff"] < 0.05
     runtime = Pt2Classifier(str(tmp_path / "inc"))

@@ -79,6 +79,7 @@ def _finetune_cmd(model, out, resume=False):
     return args + (["--resume"] if resume else [])
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_model(tiny_bert, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ref = subprocess.run(_finetune_cmd(tiny_bert, tmp_path / "ref"), env=env, capture_output=True, text=True)

@@ -125,6 +125,7 @@ def oracle():
 
 # -- against `bertforge serve` ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_closed_loop_run_through_the_cli(server, tmp_path, capsys):
     out = tmp_path / "lt"
     code = main(["loadtest", "--host", server, "--users", "3", "--spawn-rate", "3", "--duration", "4s", "--out", str(out)])
@@ -140,6 +141,7 @@ def test_closed_loop_run_through_the_cli(server, tmp_path, capsys):
     assert read_locust_stats(out / "locust")["requests"] == summary["requests"]
 
 
+@pytest.mark.slow
 def test_served_labels_match_offline_predictions_under_batching(server, tmp_path, capsys):
     """Several users, several inputs per request, a batching server: every label must be the one the
     artifact gives that text alone (the artifact is found through the server's /info)."""
@@ -155,6 +157,7 @@ def test_served_labels_match_offline_predictions_under_batching(server, tmp_path
     assert 0 <= labels["served_accuracy"] <= 1 and labels["offline_accuracy"] is not None
 
 
+@pytest.mark.slow
 def test_fixed_rate_pairs_from_a_glue_task(server, tmp_path, glue_dir):
     summary = run_loadtest(server, users=2, spawn_rate=2, duration="4s", out_dir=tmp_path, mode="fixed-rate",
                            rate=20, task="mrpc", glue_dir=glue_dir, batch=2)
@@ -215,6 +218,7 @@ def test_malformed_answers_are_failures_of_their_own_kind(oracle, tmp_path):
     assert 0.3 < summary["failure_ratio"] < 0.7  # every other answer lacks its label
 
 
+@pytest.mark.slow
 def test_sweep_finds_the_knee_of_a_server_with_known_capacity(oracle, tmp_path):
     endpoint = make_endpoint("tei", path="/slow/predict", ready_path="/health")
     sweep = run_sweep(oracle, tmp_path, slo_ms=250, fractions=(0.25, 0.5, 0.75, 1.3, 1.8), step_duration="5s",

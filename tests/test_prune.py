@@ -15,13 +15,13 @@ from pipeline.prune import (PruneConfig, ffn_sizes, head_counts, load_model, pru
 from pipeline.training import LoopConfig
 
 
-def _cfg(model, out, glue_dir, **kw):
-    return PruneConfig(model=str(model), task="sst2", out=str(out), glue_dir=str(glue_dir), importance_examples=64, **kw)
+def _cfg(model, out, sst2_dir, **kw):
+    return PruneConfig(model=str(model), task="sst2", out=str(out), glue_dir=str(sst2_dir), importance_examples=64, **kw)
 
 
-def test_global_prune_shrinks_and_reloads(tiny_bert, glue_dir, tmp_path):
+def test_global_prune_shrinks_and_reloads(tiny_bert, sst2_dir, tmp_path):
     out = tmp_path / "pruned"
-    m = prune(_cfg(tiny_bert, out, glue_dir, heads=0.5, ffn=0.5), progress=False)
+    m = prune(_cfg(tiny_bert, out, sst2_dir, heads=0.5, ffn=0.5), progress=False)
     heads, ffn = m.params["after"]["heads"], m.params["after"]["ffn"]
     assert sum(heads) == 4 and min(heads) >= 1
     assert sum(ffn) == 64
@@ -40,9 +40,9 @@ def test_global_prune_shrinks_and_reloads(tiny_bert, glue_dir, tmp_path):
             assert layer.output.dense.weight.shape == (32, f)
 
 
-def test_per_layer_prune_loads_with_plain_from_pretrained(tiny_bert, glue_dir, tmp_path):
+def test_per_layer_prune_loads_with_plain_from_pretrained(tiny_bert, sst2_dir, tmp_path):
     out = tmp_path / "pruned"
-    m = prune(_cfg(tiny_bert, out, glue_dir, heads=0.5, ffn=0.25, per_layer=True), progress=False)
+    m = prune(_cfg(tiny_bert, out, sst2_dir, heads=0.5, ffn=0.25, per_layer=True), progress=False)
     assert m.params["after"]["heads"] == [2, 2] and m.params["after"]["ffn"] == [48, 48]
     assert not (out / "modeling_pruned_bert.py").exists()
     model = AutoModelForSequenceClassification.from_pretrained(out)
@@ -50,16 +50,16 @@ def test_per_layer_prune_loads_with_plain_from_pretrained(tiny_bert, glue_dir, t
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
     assert model(input_ids=ids).logits.shape == (1, 2)
     # pruning the pruned model again maps positions past the heads already gone
-    again = prune(_cfg(out, tmp_path / "again", glue_dir, heads=0.5, per_layer=True), progress=False)
+    again = prune(_cfg(out, tmp_path / "again", sst2_dir, heads=0.5, per_layer=True), progress=False)
     assert again.params["after"]["heads"] == [1, 1]
     assert head_counts(AutoModelForSequenceClassification.from_pretrained(tmp_path / "again")) == [1, 1]
 
 
-def test_gate_importance_matches_head_mask_gradient(tiny_bert, glue_dir):
+def test_gate_importance_matches_head_mask_gradient(tiny_bert, sst2_dir):
     """The hook gates give Michel et al.'s head importance (|d loss / d head_mask|)."""
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, attn_implementation="eager")
     tokenizer = load_tokenizer(tiny_bert)
-    data = EncodedDataset(load_glue("sst2", "dev", glue_dir)[:32], tokenizer, 64)
+    data = EncodedDataset(load_glue("sst2", "dev", sst2_dir)[:32], tokenizer, 64)
     loader = lambda: eval_loader(data, Collator(tokenizer, False), 16)  # noqa: E731
     heads, _ = unit_importance(model, loader())
     model.eval()
@@ -83,9 +83,9 @@ def test_select_units_never_empties_a_layer():
         select_units(scores, 1.0, per_layer=False, what="heads")
 
 
-def test_recovery_distillation_and_unstructured(tiny_bert, glue_dir, tmp_path):
+def test_recovery_distillation_and_unstructured(tiny_bert, sst2_dir, tmp_path):
     loop = LoopConfig(epochs=1, batch_size=8, max_steps_per_epoch=2, checkpoint_every=0)
-    m = prune(_cfg(tiny_bert, tmp_path / "rec", glue_dir, heads=0.25, ffn=0.25, recover_epochs=1, loop=loop,
+    m = prune(_cfg(tiny_bert, tmp_path / "rec", sst2_dir, heads=0.25, ffn=0.25, recover_epochs=1, loop=loop,
                    max_train_examples=64), progress=False)
     assert "dev" in m.metrics and "dev_before_recovery" in m.metrics
     assert not (tmp_path / "rec" / "checkpoints").exists()
@@ -93,14 +93,14 @@ def test_recovery_distillation_and_unstructured(tiny_bert, glue_dir, tmp_path):
     assert head_counts(reloaded) == m.params["after"]["heads"] and ffn_sizes(reloaded) == m.params["after"]["ffn"]
     assert count_parameters(reloaded) == m.num_parameters < m.params["before"]["params"]
 
-    u = prune(_cfg(tiny_bert, tmp_path / "sparse", glue_dir, unstructured=0.9), progress=False)
+    u = prune(_cfg(tiny_bert, tmp_path / "sparse", sst2_dir, unstructured=0.9), progress=False)
     assert u.params["encoder_linear_sparsity"] == pytest.approx(0.9, abs=0.01)
     assert u.num_parameters == u.params["before"]["params"]  # same shapes: no speed-up, only a smaller gzip
     assert u.params["gzip_bytes"] < u.params["parent_gzip_bytes"]
 
 
-def test_cli_bad_inputs(tiny_bert, glue_dir, tmp_path, capsys):
-    common = ["--task", "sst2", "--glue-dir", str(glue_dir), "--importance-examples", "16"]
+def test_cli_bad_inputs(tiny_bert, sst2_dir, tmp_path, capsys):
+    common = ["--task", "sst2", "--glue-dir", str(sst2_dir), "--importance-examples", "16"]
     assert main(["prune", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--heads", "0.5", *common]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["prune", "--model", str(tiny_bert), "--out", str(tmp_path / "o"), "--heads", "1.0", "--per-layer", *common]) == 2

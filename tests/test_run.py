@@ -24,6 +24,7 @@ def finished_run(tmp_path_factory):
     return root, teacher, made
 
 
+@pytest.mark.slow
 def test_every_stage_leaves_its_artifact_and_the_report(finished_run):
     root, _, made = finished_run
     run = root / "run"
@@ -42,6 +43,7 @@ def test_every_stage_leaves_its_artifact_and_the_report(finished_run):
     assert all(v["status"] == "done" for v in ledger.values())
 
 
+@pytest.mark.slow
 def test_rerun_skips_done_stages_and_rebuilds_changed_ones(finished_run, capsys):
     root, teacher, _ = finished_run
     run = root / "run"
