@@ -9,27 +9,20 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import read_manifest
-from pipeline.errors import BertforgeError
-from pipeline.models import is_bertforge_pruned, load_config, load_tokenizer, resolve_model
+from pipeline.errors import BertforgeError, first_line
+from pipeline.models import load_config, load_model, load_tokenizer
 
 
 class TorchClassifier:
     format = "pytorch"
 
     def __init__(self, path: str, device: str = "cpu", num_threads: int | None = None):
-        from transformers import AutoModelForSequenceClassification
-
         if num_threads:
             torch.set_num_threads(num_threads)
         self.path = path
         self.device = torch.device(device)
-        self.config = load_config(path)
-        try:
-            resolved = resolve_model(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                resolved, trust_remote_code=is_bertforge_pruned(resolved)).to(self.device).eval()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise BertforgeError(f"cannot load model weights from {path}: {str(e).splitlines()[0]}") from None
+        self.model = load_model(path).to(self.device).eval()
+        self.config = self.model.config
         self.input_names = ["input_ids", "attention_mask", "token_type_ids"]
 
     @classmethod
@@ -55,7 +48,7 @@ class OrtClassifier:
 
         self.path = path
         self.config = load_config(path)
-        model_file = Path(path) / (file_name or _onnx_file(Path(path)))
+        model_file = Path(path) / (file_name or onnx_file(Path(path)))
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
@@ -64,7 +57,7 @@ class OrtClassifier:
         try:
             self.session = ort.InferenceSession(str(model_file), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
-            raise BertforgeError(f"cannot load ONNX model {model_file}: {str(e).splitlines()[0][:200]}") from None
+            raise BertforgeError(f"cannot load ONNX model {model_file}: {first_line(e)}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -72,10 +65,14 @@ class OrtClassifier:
         return self.session.run(None, feed)[0].astype(np.float32)
 
 
-def _onnx_file(folder: Path) -> str:
+def onnx_file(folder: Path) -> str:
+    """The file name of an ONNX artifact's graph: the manifest's `onnx_file`, else model.onnx, else the first."""
     manifest = read_manifest(folder)
     if manifest and manifest.params.get("onnx_file"):
-        return manifest.params["onnx_file"]
+        name = manifest.params["onnx_file"]
+        if Path(name).name != name or not (Path(folder) / name).is_file():
+            raise BertforgeError(f"{folder}: the manifest's onnx_file {name!r} is not a file in that folder")
+        return name
     candidates = sorted(p.name for p in folder.glob("*.onnx"))
     if not candidates:
         raise BertforgeError(f"{folder} holds no .onnx file")
