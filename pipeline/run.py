@@ -33,8 +33,7 @@ from pipeline.artifacts import read_manifest
 from pipeline.bench import BenchConfig
 from pipeline.data import sample_data_dir
 from pipeline.distill.augment import AugmentConfig
-from pipeline.distill.config import DistillConfig
-from pipeline.distill.students import StudentSpec
+from pipeline.distill.config import DistillConfig, StudentSpec
 from pipeline.errors import BertforgeError
 from pipeline.export import ExportConfig
 from pipeline.finetune import FinetuneConfig

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 from pipeline.data import GLUE_DIR_HELP, GLUE_TASKS
 from pipeline.distill import METHODS
-from pipeline.distill.students import StudentSpec
 from pipeline.settings import setting
 from pipeline.training import LoopConfig
 
@@ -14,6 +13,21 @@ from pipeline.training import LoopConfig
 INTERMEDIATE_EPOCHS = {"mnli": 10, "qqp": 10, "qnli": 10, "cola": 50}
 DEFAULT_INTERMEDIATE_EPOCHS = 20
 GENERAL_MAX_LENGTH = 128
+
+
+@dataclass
+class StudentSpec:
+    """Exactly one of the three."""
+
+    config: str | None = setting(None, "tinybert-4l-312d | tinybert-6l-768d | CONFIG.json (random weights)",
+                                 flag="--student-config")
+    pretrained: str | None = setting(None, "pretrained student folder or hub id (e.g. a general TinyBERT)",
+                                     flag="--student")
+    init_from_teacher: str | None = setting(None, "copy teacher layers: a count (3: spread uniformly) or a list (2,4,6)",
+                                            metavar="LAYERS")
+
+    def describe(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass

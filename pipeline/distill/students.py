@@ -9,38 +9,22 @@ losses compare the two models token by token on the same input ids.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedModel
 
 from pipeline.data.tasks import TaskSpec
+from pipeline.distill.config import StudentSpec
 from pipeline.distill.mapping import layer_mapping, parse_layers
 from pipeline.errors import BertforgeError
 from pipeline.models import label_config, load_classifier, load_config, load_encoder, load_tokenizer
-from pipeline.settings import setting
 
 # The published TinyBERT shapes (Jiao et al., 2020): TinyBERT-4 and TinyBERT-6.
 STUDENT_CONFIGS: dict[str, dict] = {
     "tinybert-4l-312d": {"num_hidden_layers": 4, "hidden_size": 312, "intermediate_size": 1200, "num_attention_heads": 12},
     "tinybert-6l-768d": {"num_hidden_layers": 6, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
 }
-
-
-@dataclass
-class StudentSpec:
-    """Exactly one of the three."""
-
-    config: str | None = setting(None, "tinybert-4l-312d | tinybert-6l-768d | CONFIG.json (random weights)",
-                                 flag="--student-config")
-    pretrained: str | None = setting(None, "pretrained student folder or hub id (e.g. a general TinyBERT)",
-                                     flag="--student")
-    init_from_teacher: str | None = setting(None, "copy teacher layers: a count (3: spread uniformly) or a list (2,4,6)",
-                                            metavar="LAYERS")
-
-    def describe(self) -> dict:
-        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 def build_student(spec: StudentSpec, teacher: PreTrainedModel, teacher_tokenizer, task: TaskSpec | None) -> PreTrainedModel:
