@@ -11,10 +11,22 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.data import Collator, EncodedDataset, compute_metrics, dev_split, eval_loader, get_task, load_glue, logits_to_predictions
+from pipeline.data import (GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, compute_metrics, dev_split, eval_loader,
+                           get_task, load_glue, logits_to_predictions)
 from pipeline.data.tasks import TaskSpec
 from pipeline.errors import BertforgeError
 from pipeline.inference import TorchClassifier, label_names, load_runtime
+from pipeline.settings import setting
+
+
+@dataclass
+class EvalConfig:
+    task: str = setting(help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    model: str = setting(help="artifact folder (PyTorch or ONNX) or hub id")
+    glue_dir: str | None = setting(None, GLUE_DIR_HELP, env="GLUE_DIR")
+    split: str | None = setting(None, "default: dev (MNLI: dev_matched)")
+    max_length: int | None = setting(None, "word-pieces per example (default: the task's)")
+    batch_size: int = setting(64, "examples per batch")
 
 
 @dataclass
@@ -56,7 +68,8 @@ def predict_logits(runtime, examples, task: TaskSpec, max_length: int, batch_siz
 
 
 def evaluate(model: str | os.PathLike, task: str, data_dir: str | os.PathLike | None = None, split: str | None = None,
-             max_length: int | None = None, batch_size: int = 64, runtime=None, progress: bool = True, examples=None) -> EvalResult:
+             max_length: int | None = None, batch_size: int = EvalConfig.batch_size, runtime=None, progress: bool = True,
+             examples=None) -> EvalResult:
     """Official metrics of `model` on `task`'s dev split (or `split`)."""
     spec = get_task(task)
     split = split or dev_split(spec)

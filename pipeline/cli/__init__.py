@@ -21,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bertforge", description="Distil, compress, export, serve and benchmark BERT models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"pipeline.cli.{name}_cmd")
-        except ModuleNotFoundError as e:
-            if e.name != f"pipeline.cli.{name}_cmd":
-                raise
-            continue  # not built yet
-        module.add_parser(sub)
+        importlib.import_module(f"pipeline.cli.{name}_cmd").add_parser(sub)
     return parser
 
 
