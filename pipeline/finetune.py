@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
-from pipeline.data import GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, dev_split, get_task, load_glue, load_train_examples
+from pipeline.data import (GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, dev_split, get_task, load_glue,
+                           load_train_examples)
 from pipeline.evaluate import BestDev
 from pipeline.models import count_parameters, load_classifier, load_tokenizer
 from pipeline.settings import setting

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline.artifacts import read_manifest
-from pipeline.data import dev_split, get_task
+from pipeline.data import get_task
 from pipeline.data.tasks import TaskSpec
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.students import teacher_layer_subset

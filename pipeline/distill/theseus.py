@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
