@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline.artifacts import read_manifest
+from pipeline.artifacts import MANIFEST, read_manifest
 from pipeline.bench import BenchConfig
 from pipeline.data import sample_data_dir
 from pipeline.distill.augment import AugmentConfig
@@ -173,15 +173,15 @@ def _version() -> str:
 
 
 def _input_id(path: str | None):
-    """What an input contributes to a fingerprint: an artifact's file checksums (from its manifest), the
+    """What an input contributes to a fingerprint: an artifact's manifest (it lists every file's sha256, and
+    the settings and lineage that made them, so a rebuilt stage always rebuilds the ones after it), the
     sha256 of a plain file or of a folder's files, or the name itself (a hub id)."""
     if not path:
         return None
     p = Path(path)
     if p.is_dir():
-        manifest = read_manifest(p)
-        if manifest is not None:
-            return [f["sha256"] for f in manifest.files]
+        if read_manifest(p) is not None:
+            return _sha256(p / MANIFEST)
         return {str(f.relative_to(p)): _sha256(f) for f in sorted(p.rglob("*")) if f.is_file()}
     if p.is_file():
         return _sha256(p)
