@@ -135,6 +135,20 @@ def _check_renamed(part) -> None:
         raise BertforgeError("bad run config: distill.student (a distilled folder) is now distill.distilled")
 
 
+# Fields the run fills with the previous stage's output: a value given for them would be ignored, so it is refused.
+WIRED_FIELDS = {"teacher": ("out",), "general": ("out", "stage"), "augment": ("out",),
+                "distill": ("out", "teacher", "stage"), "prune": ("out", "model"), "export": ("out", "model"),
+                "quantize": ("out", "model")}
+
+
+def _check_wired(cfg: RunConfig) -> None:
+    for section, names in WIRED_FIELDS.items():
+        defaults = getattr(RunConfig(), section)
+        for name in names:
+            if getattr(getattr(cfg, section), name) != getattr(defaults, name):
+                raise BertforgeError(f"bad run config: {section}.{name} is set by the run (from the stage before it)")
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """YAML file (may be None: the defaults) merged over the typed defaults, then `key=value` overrides."""
     schema = OmegaConf.structured(RunConfig)
@@ -147,11 +161,13 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         parts.append(OmegaConf.from_dotlist(list(overrides)))
         for part in parts[1:]:
             _check_renamed(part)
-        return OmegaConf.to_object(OmegaConf.merge(*parts))
+        cfg = OmegaConf.to_object(OmegaConf.merge(*parts))
     except BertforgeError:
         raise
     except Exception as e:  # omegaconf's validation errors: unknown key, wrong type
         raise BertforgeError(f"bad run config: {str(e).splitlines()[0]}") from None
+    _check_wired(cfg)
+    return cfg
 
 
 def final_stage_name(mode: str) -> str:
