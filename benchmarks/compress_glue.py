@@ -84,7 +84,7 @@ def load_runner(path: Path, threads: int):
     from pipeline.artifacts import read_manifest
     from pipeline.inference import OrtClassifier, TorchClassifier, is_onnx_artifact
     from pipeline.models import load_tokenizer
-    from pipeline.prune import load_model
+    from pipeline.models import load_model
     from pipeline.quantize import PT2_FILE, Pt2Classifier
 
     manifest = read_manifest(path)

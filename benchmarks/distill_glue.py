@@ -25,7 +25,7 @@ from benchmarks.common import command_line, write_results
 from pipeline.artifacts import read_manifest
 from pipeline.data import get_task
 from pipeline.distill import distill
-from pipeline.distill.config import DistillConfig
+from pipeline.distill.config import DistillConfig, TheseusOptions
 from pipeline.distill.students import StudentSpec
 from pipeline.errors import BertforgeError
 from pipeline.training import LoopConfig
@@ -125,7 +125,7 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         prediction_epochs=sched["prediction_epochs"], prediction_lr=sched["prediction_lr"], num_threads=args.threads,
         loop=LoopConfig(epochs=epochs, learning_rate=sched["intermediate_lr"], batch_size=sched["batch_size"],
                         max_steps_per_epoch=sched["max_steps_per_epoch"], checkpoint_every=50, seed=args.seed),
-        method_options=options,
+        theseus=TheseusOptions(**options),  # only theseus takes options here
     )
     start = time.perf_counter()
     manifest = distill(cfg, resume=(out / "checkpoints").is_dir(), progress=not args.quiet)

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import Manifest, read_manifest, write_manifest
-from pipeline.errors import BertforgeError
 
 BERT_BASE = "bert-base-uncased"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 def build_baseline(out_dir: str | Path, task: str = "sst2", hub_id: str | None = BERT_BASE,
@@ -104,16 +102,10 @@ def _ort_int8(source: Path, out: Path) -> Path:
 
 
 def _export_and_quantize(source: Path, out: Path) -> dict:
-    """The students' own stages when this checkout has them; else the same three steps done here."""
-    try:
-        from pipeline.export import ExportConfig, export
-        from pipeline.quantize import QuantizeConfig, quantize
-    except ImportError:
-        export_fused_int8(source, out / "model.onnx")
-        for name in ("config.json", *TOKENIZER_FILES):
-            if (source / name).is_file():
-                shutil.copy2(source / name, out / name)
-        return {"steps": "torch.onnx export, onnxruntime BERT fusions, quantize_dynamic QInt8"}
+    """The students' own export and quantize stages, so the baseline's int8 recipe is theirs."""
+    from pipeline.export import ExportConfig, export
+    from pipeline.quantize import QuantizeConfig, quantize
+
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=out))
     exported = export(ExportConfig(model=str(source), out=str(work / "export"), evaluate_dev=False,
                                    validation_examples=16), progress=False)
@@ -126,39 +118,6 @@ def _export_and_quantize(source: Path, out: Path) -> dict:
     return {"steps": "bertforge export (O2 fusions) then bertforge quantize --mode dynamic",
             "export_validation": exported.params.get("validation"),
             "agreement_with_fp32": quantized.params.get("agreement_with_source")}
-
-
-def export_fused_int8(model_dir: Path, onnx_path: Path) -> Path:
-    """ONNX export (dynamic batch and sequence), BERT fusions, dynamic int8 quantization."""
-    import onnx
-    import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    model.config.return_dict = False
-    work = onnx_path.parent / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    ids = torch.ones(1, 16, dtype=torch.long)
-    axes = {0: "batch", 1: "sequence"}
-    with torch.inference_mode():
-        torch.onnx.export(
-            model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(work / "fp32.onnx"),
-            input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes, "logits": {0: "batch"}},
-            opset_version=17, dynamo=False)  # the TorchScript exporter: no onnxscript needed (see NOTES)
-    c = model.config
-    fused = optimize_model(str(work / "fp32.onnx"), model_type="bert", num_heads=c.num_attention_heads,
-                           hidden_size=c.hidden_size)
-    fused.save_model_to_file(str(work / "fused.onnx"))
-    # DefaultTensorType: without it quantize_dynamic cannot type some fused-graph weights (see NOTES)
-    quantize_dynamic(str(work / "fused.onnx"), str(onnx_path), weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    shutil.rmtree(work)
-    if not onnx_path.is_file():
-        raise BertforgeError(f"int8 export of {model_dir} wrote no model")
-    return onnx_path
 
 
 def _weights_sha(manifest: Manifest) -> str:

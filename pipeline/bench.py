@@ -15,7 +15,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.artifacts import MANIFEST, package_versions, read_manifest
 from pipeline.errors import BertforgeError
 from pipeline.providers import select_providers, torch_device
+from pipeline.settings import setting
 
 WEIGHT_SUFFIXES = (".onnx", ".onnx_data", ".data", ".safetensors", ".bin", ".pt", ".pth")
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
@@ -34,17 +35,18 @@ INT8_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QAttenti
 
 @dataclass
 class BenchConfig:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    seq_lens: list[int] = field(default_factory=lambda: [128])
-    warmup: int = 3
-    min_iters: int = 10
-    min_seconds: float = 1.0  # measured time per artifact and grid point
-    max_seconds: float = 60.0  # cap per artifact and grid point (a BERT-base at batch 32 on 2 cores)
-    slice_seconds: float = 0.1  # one artifact's turn in the rotation
-    threads: int | None = None  # intra-op threads for torch and ONNX Runtime; default: every usable core
-    device: str = "auto"  # cpu | cuda | auto (cpu, and cuda when present)
-    cold_start: str = "subprocess"  # subprocess (fresh process: honest cold start and peak RSS) | inprocess
-    seed: int = 0
+    batch_sizes: list[int] = setting(help="batch sizes of the grid", factory=lambda: [1, 32])
+    seq_lens: list[int] = setting(help="sequence lengths of the grid", factory=lambda: [128])
+    warmup: int = setting(3, "untimed calls before measuring")
+    min_iters: int = setting(10, "timed calls per artifact and grid point, at least")
+    min_seconds: float = setting(1.0, "measured seconds per artifact and grid point")
+    max_seconds: float = setting(60.0, "cap per artifact and grid point (a BERT-base at batch 32 on 2 cores)")
+    slice_seconds: float = setting(0.1, "one artifact's turn in the rotation")
+    threads: int | None = setting(None, "intra-op threads for torch and ONNX Runtime (default: every usable core)")
+    device: str = setting("auto", "auto: cpu, plus cuda when present", choices=("cpu", "cuda", "auto"))
+    cold_start: str = setting("subprocess", "measure load + first call in a fresh process (honest peak memory) or in "
+                                            "this one", choices=("subprocess", "inprocess"))
+    seed: int = setting(0, "seed of the random input ids")
 
     def __post_init__(self):
         if not self.batch_sizes or not self.seq_lens or min(self.batch_sizes) < 1 or min(self.seq_lens) < 2:
@@ -181,9 +183,9 @@ def baseline_role(manifest, fmt: str) -> str | None:
 
 def _onnx_weight_files(folder: Path, weights: list[Path]) -> list[Path]:
     """The model's own .onnx (and its external data): a folder may also hold unfused or fp32 siblings."""
-    from pipeline.inference import _onnx_file
+    from pipeline.inference import onnx_file
 
-    main = folder / _onnx_file(folder)
+    main = folder / onnx_file(folder)
     keep = [main]
     keep += [p for p in weights if not p.name.endswith(".onnx") and p.name.startswith(main.name)]
     return keep
@@ -193,9 +195,9 @@ def _guess_precision(folder: Path, fmt: str) -> str:
     if fmt != "onnx":
         return "fp32"
     import onnx
-    from pipeline.inference import _onnx_file
+    from pipeline.inference import onnx_file
 
-    model = onnx.load(str(folder / _onnx_file(folder)), load_external_data=False)
+    model = onnx.load(str(folder / onnx_file(folder)), load_external_data=False)
     if any(n.op_type in INT8_OPS for n in model.graph.node):
         return "int8"
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
@@ -205,9 +207,9 @@ def _guess_precision(folder: Path, fmt: str) -> str:
 
 def _onnx_parameters(folder: Path) -> int:
     import onnx
-    from pipeline.inference import _onnx_file
+    from pipeline.inference import onnx_file
 
-    model = onnx.load(str(folder / _onnx_file(folder)), load_external_data=False)
+    model = onnx.load(str(folder / onnx_file(folder)), load_external_data=False)
     return int(sum(np.prod(t.dims) for t in model.graph.initializer if len(t.dims) >= 1))
 
 

@@ -1,17 +1,32 @@
-"""Score an artifact (PyTorch or ONNX) on a GLUE split with the task's official metrics."""
+"""Score an artifact (PyTorch or ONNX) on a GLUE split with the task's official metrics, and keep the best
+checkpoint of a training run by its dev score."""
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.data import Collator, EncodedDataset, compute_metrics, dev_split, eval_loader, get_task, load_glue, logits_to_predictions
+from pipeline.data import (GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, compute_metrics, dev_split, eval_loader,
+                           get_task, load_glue, logits_to_predictions)
 from pipeline.data.tasks import TaskSpec
 from pipeline.errors import BertforgeError
-from pipeline.inference import label_names, load_runtime
+from pipeline.inference import TorchClassifier, label_names, load_runtime
+from pipeline.settings import setting
+
+
+@dataclass
+class EvalConfig:
+    task: str = setting(help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    model: str = setting(help="artifact folder (PyTorch or ONNX) or hub id")
+    glue_dir: str | None = setting(None, GLUE_DIR_HELP, env="GLUE_DIR")
+    split: str | None = setting(None, "default: dev (MNLI: dev_matched)")
+    max_length: int | None = setting(None, "word-pieces per example (default: the task's)")
+    batch_size: int = setting(64, "examples per batch")
 
 
 @dataclass
@@ -53,7 +68,8 @@ def predict_logits(runtime, examples, task: TaskSpec, max_length: int, batch_siz
 
 
 def evaluate(model: str | os.PathLike, task: str, data_dir: str | os.PathLike | None = None, split: str | None = None,
-             max_length: int | None = None, batch_size: int = 64, runtime=None, progress: bool = True, examples=None) -> EvalResult:
+             max_length: int | None = None, batch_size: int = EvalConfig.batch_size, runtime=None, progress: bool = True,
+             examples=None) -> EvalResult:
     """Official metrics of `model` on `task`'s dev split (or `split`)."""
     spec = get_task(task)
     split = split or dev_split(spec)
@@ -69,3 +85,37 @@ def evaluate(model: str | os.PathLike, task: str, data_dir: str | os.PathLike | 
     logits = predict_logits(runtime, examples, spec, max_length or spec.default_max_length, batch_size, progress)
     metrics = compute_metrics(spec.name, logits_to_predictions(spec.name, logits), [ex.label for ex in examples])
     return EvalResult(spec.name, split, metrics, len(examples), time.perf_counter() - start)
+
+
+class BestDev:
+    """Dev scoring of a live model (TrainLoop's evaluate_fn) and saving of the best one as a plain
+    classifier folder (its save_best_fn); `metrics_for_manifest` gives the saved model's dev metrics.
+    `write` replaces the plain save when a recipe saves more than weights and tokenizer."""
+
+    def __init__(self, model, tokenizer, task: TaskSpec, dev, max_length: int, batch_size: int, out: Path,
+                 write: Callable[[], None] | None = None):
+        self.model, self.tokenizer, self.task, self.dev = model, tokenizer, task, dev
+        self.max_length, self.batch_size, self.out = max_length, batch_size, Path(out)
+        self.write = write
+        self.last = self.best = None
+
+    def evaluate(self) -> float:
+        result = evaluate("student", self.task.name, runtime=TorchClassifier.from_model(self.model, self.tokenizer),
+                          max_length=self.max_length, batch_size=self.batch_size, progress=False, examples=self.dev)
+        self.last = result.metrics
+        return result.metrics["score"]
+
+    def save(self, score: float) -> None:
+        if self.write:
+            self.write()
+        else:
+            self.model.save_pretrained(self.out)
+            self.tokenizer.save_pretrained(self.out)
+        self.best = dict(self.last) if self.last else None
+
+    def metrics_for_manifest(self) -> dict:
+        metrics = self.best
+        if metrics is None:  # resumed after the best was saved: score the saved best again
+            metrics = evaluate(str(self.out), self.task.name, max_length=self.max_length, batch_size=self.batch_size,
+                               progress=False, examples=self.dev).metrics
+        return {dev_split(self.task): metrics, "dev": metrics}

@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.artifacts import Manifest, prepare_output_dir, read_manifest, write_manifest
+from pipeline.data import GLUE_DIR_HELP
 from pipeline.errors import BertforgeError
 from pipeline.inference import OrtClassifier, TorchClassifier, is_onnx_artifact
 from pipeline.models import count_parameters, load_tokenizer, resolve_model
+from pipeline.settings import setting
 from pipeline.onnx_utils import ONNX_FILE, compare_runtimes, copy_support_files, op_counts, resolve_task, task_examples
 
 FUSED_OPS = ("Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu", "FastGelu", "Gelu")
@@ -32,41 +34,34 @@ OPTIMIZE_LEVELS = ("none", "O2")
 
 @dataclass
 class ExportConfig:
-    model: str
-    out: str
-    task: str | None = None  # default: the model's config.finetuning_task
-    glue_dir: str | None = None
-    optimize: str = "O2"  # "none": the plain export; "O2": transformer fusions
-    device: str = "cpu"  # "gpu": GPU fusions and fp16 weights
-    opset: int | None = None  # default: optimum's choice for BERT
-    atol: float = 1e-4  # largest |logit difference| allowed against PyTorch (fp32)
-    fp16_atol: float = 5e-2
-    validation_examples: int = 256
-    max_length: int | None = None
-    evaluate_dev: bool = True  # score the final graph on the task's dev split (needs a task)
-
-    @classmethod
-    def preset(cls, name: str, **kw) -> "ExportConfig":
-        """Named variants: `cpu` (fused fp32), `gpu` (fused fp16), `plain` (no fusion)."""
-        presets = {"cpu": dict(optimize="O2", device="cpu"), "gpu": dict(optimize="O2", device="gpu"),
-                   "plain": dict(optimize="none", device="cpu")}
-        if name not in presets:
-            raise BertforgeError(f"unknown export preset {name!r}: choose one of {', '.join(presets)}")
-        return cls(**{**presets[name], **kw})
+    model: str = setting(help="PyTorch artifact folder (teacher, student, pruned)")
+    out: str = setting(help="the ONNX artifact's folder")
+    task: str | None = setting(None, "task whose dev examples validate the graph (default: the model's)")
+    glue_dir: str | None = setting(None, GLUE_DIR_HELP, env="GLUE_DIR")
+    optimize: str = setting("O2", "O2: onnxruntime BERT fusions; none: the plain export", choices=OPTIMIZE_LEVELS)
+    device: str = setting("cpu", "gpu: GPU fusions and fp16 weights", choices=("cpu", "gpu"))
+    opset: int | None = setting(None, "ONNX opset (default: optimum's choice for BERT)")
+    atol: float = setting(1e-4, "largest |logit difference| allowed against PyTorch (fp32)")
+    fp16_atol: float = setting(5e-2, "the same for the fp16 GPU graph")
+    validation_examples: int = setting(256, "dev examples the graph is validated on")
+    max_length: int | None = setting(None, "word-pieces per example (default: the task's)")
+    evaluate_dev: bool = setting(True, "score the final graph on the task's dev split (needs a task)", flag="--no-eval")
 
 
 def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
     from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import BertForSequenceClassification
 
-    from pipeline.prune import load_model
+    from pipeline.modeling_pruned_bert import PrunedBertForSequenceClassification
+    from pipeline.models import load_model
 
     start = time.perf_counter()
     if cfg.optimize not in OPTIMIZE_LEVELS:
-        raise BertforgeError(f"--optimize must be one of {', '.join(OPTIMIZE_LEVELS)}, got {cfg.optimize!r}")
+        raise BertforgeError(f"optimize must be one of {', '.join(OPTIMIZE_LEVELS)}, got {cfg.optimize!r}")
     if cfg.device not in ("cpu", "gpu"):
-        raise BertforgeError(f"--device must be cpu or gpu, got {cfg.device!r}")
+        raise BertforgeError(f"device must be cpu or gpu, got {cfg.device!r}")
     if cfg.device == "gpu" and cfg.optimize == "none":
-        raise BertforgeError("the GPU variant is the fused fp16 graph: use --optimize O2 with --device gpu")
+        raise BertforgeError("the GPU variant is the fused fp16 graph: set optimize O2 with device gpu")
     if is_onnx_artifact(cfg.model):
         raise BertforgeError(f"{cfg.model} is already an ONNX artifact")
     model_dir = resolve_model(cfg.model)
@@ -74,6 +69,10 @@ def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
     max_length = cfg.max_length or (task.default_max_length if task else 128)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir).eval()
+    if isinstance(model, PrunedBertForSequenceClassification):
+        # optimum infers the model's library from its class's module; once built, the pruned class is a plain
+        # BertForSequenceClassification with narrower layers (only its constructor differs)
+        model.__class__ = BertForSequenceClassification
     examples = task_examples(task, cfg.glue_dir, limit=cfg.validation_examples)
     reference = TorchClassifier.from_model(model, tokenizer)
     out = prepare_output_dir(cfg.out)

@@ -6,36 +6,31 @@ write the artifact's manifest.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
 from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
-from pipeline.data import Collator, EncodedDataset, dev_split, get_task, load_examples_file, load_glue
-from pipeline.evaluate import evaluate
-from pipeline.inference import TorchClassifier
+from pipeline.data import (GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, dev_split, get_task, load_glue,
+                           load_train_examples)
+from pipeline.evaluate import BestDev
 from pipeline.models import count_parameters, load_classifier, load_tokenizer
+from pipeline.settings import setting
 from pipeline.training import LoopConfig, TrainLoop
 
 
 @dataclass
 class FinetuneConfig:
-    task: str
-    model: str
-    out: str
-    glue_dir: str | None = None
-    train_file: str | None = None  # a TSV in the task's layout instead of GLUE train
-    max_train_examples: int | None = None
-    max_length: int | None = None  # default: 64 single sentence, 128 pairs
-    eval_batch_size: int = 64
-    num_threads: int | None = None
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=3, batch_size=32, learning_rate=5e-5))
-
-
-def load_train_examples(task: str, glue_dir, train_file, max_examples):
-    examples = load_examples_file(task, train_file) if train_file else load_glue(task, "train", glue_dir)
-    return examples[:max_examples] if max_examples else examples
+    task: str = setting(help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    model: str = setting(help="hub id, model folder, or all-MiniLM-L6-v2 (packaged, offline)")
+    out: str = setting(help="the fine-tuned model's folder")
+    glue_dir: str | None = setting(None, GLUE_DIR_HELP, env="GLUE_DIR")
+    train_file: str | None = setting(None, "TSV in the task's layout instead of GLUE train")
+    max_train_examples: int | None = setting(None, "train on the first N examples only")
+    max_length: int | None = setting(None, "word-pieces per example (default 64 single sentence / 128 pairs)")
+    eval_batch_size: int = setting(64, "examples per dev-scoring batch")
+    num_threads: int | None = setting(None, "CPU threads for torch", flag="--threads")
+    loop: LoopConfig = setting(factory=lambda: LoopConfig(epochs=3, batch_size=32, learning_rate=5e-5))
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> Manifest:
@@ -56,29 +51,17 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
         batch.pop("idx")
         return {"loss": model(**batch).loss}
 
-    def evaluate_fn():
-        result = evaluate(cfg.model, task.name, split=dev_split(task), runtime=TorchClassifier.from_model(model, tokenizer),
-                          max_length=max_length, batch_size=cfg.eval_batch_size, progress=False,
-                          examples=dev)
-        evaluate_fn.metrics = result.metrics
-        return result.metrics["score"]
-
-    def save_best(score):
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        save_best.metrics = dict(evaluate_fn.metrics)
-
+    best_dev = BestDev(model, tokenizer, task, dev, max_length, cfg.eval_batch_size, out)
     loop = TrainLoop(cfg.loop, model, dataset, Collator(tokenizer, task.is_regression), loss_fn, out,
-                     evaluate_fn, save_best, desc=f"finetune {task.name}", run_config=_run_config(cfg), progress=progress)
+                     best_dev.evaluate, best_dev.save, desc=f"finetune {task.name}", run_config=_run_config(cfg),
+                     progress=progress)
     best = loop.run(resume=resume)
-    metrics = getattr(save_best, "metrics", None)
-    if metrics is None:  # resumed after the best was saved: score the saved best again
-        metrics = evaluate(str(out), task.name, cfg.glue_dir, max_length=max_length, progress=progress).metrics
+    metrics = best_dev.metrics_for_manifest()
     manifest = write_manifest(out, Manifest(
         stage="finetune", task=task.name, parent=cfg.model,
         params={**_run_config(cfg), "max_length": max_length, "train_examples": len(train), "best_dev_score": best,
                 "dev_history": loop.history},
-        seed=cfg.loop.seed, metrics={dev_split(task): metrics, "dev": metrics},
+        seed=cfg.loop.seed, metrics=metrics,
         num_parameters=count_parameters(model), wall_s=round(time.perf_counter() - start, 1),
     ))
     loop.finish()

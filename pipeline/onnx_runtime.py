@@ -27,7 +27,7 @@ class OrtClassifier:
 
         self.path = path
         self.config = read_config(path)
-        model_file = Path(path) / (file_name or _onnx_file(Path(path)))
+        model_file = Path(path) / (file_name or onnx_file(Path(path)))
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
@@ -46,10 +46,15 @@ class OrtClassifier:
         return self.run(feed)[0].astype(np.float32)
 
 
-def _onnx_file(folder: Path) -> str:
+def onnx_file(folder: Path) -> str:
+    """The file name of an ONNX artifact's graph: the manifest's `onnx_file`, else model.onnx, else the first.
+    A manifest may only name a plain file inside its folder (never `../x.onnx` or an absolute path)."""
     manifest = read_manifest(folder)
     if manifest and manifest.params.get("onnx_file"):
-        return manifest.params["onnx_file"]
+        name = manifest.params["onnx_file"]
+        if Path(name).name != name or not (Path(folder) / name).is_file():
+            raise BertforgeError(f"{folder}: the manifest's onnx_file {name!r} is not a file in that folder")
+        return name
     candidates = sorted(p.name for p in folder.glob("*.onnx"))
     if not candidates:
         raise BertforgeError(f"{folder} holds no .onnx file")

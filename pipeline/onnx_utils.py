@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.data import Collator, EncodedDataset, dev_split, eval_loader, get_task, load_glue, sample_data_dir
 from pipeline.data.tasks import TaskSpec
 from pipeline.errors import BertforgeError
-from pipeline.inference import is_onnx_artifact
+from pipeline.inference import is_onnx_artifact, onnx_file
 from pipeline.models import load_config
 
 ONNX_FILE = "model.onnx"  # one graph per folder, the name optimum's ORTModel opens by default
@@ -28,9 +28,7 @@ def onnx_path(folder: str | Path) -> Path:
         raise BertforgeError(f"model folder {folder} does not exist")
     if not is_onnx_artifact(folder):
         raise BertforgeError(f"{folder} holds no .onnx file (export it first: bertforge export --model {folder} --out DIR)")
-    path = folder / ONNX_FILE
-    if not path.is_file():
-        path = sorted(folder.glob("*.onnx"))[0]
+    path = folder / onnx_file(folder)
     check_onnx(path)
     return path
 

@@ -11,7 +11,9 @@ matrices (`prune_heads`, `prune_linear_layer`), so the model is smaller and fast
 Saving: transformers re-applies `config.pruned_heads` when it loads a model; a shared FFN width goes in
 `config.intermediate_size`. When layers keep different FFN widths the artifact carries
 `config.intermediate_sizes` and `modeling_pruned_bert.py`, and loads with
-`AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` (or `load_model`).
+`AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` for users of plain
+transformers; bertforge itself loads it through its own class (`pipeline.models.load_model`) and never runs
+the folder's copy.
 """
 from __future__ import annotations
 
@@ -19,19 +21,20 @@ import copy
 import gzip
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
 from transformers.pytorch_utils import prune_linear_layer
 
 from pipeline.artifacts import Manifest, prepare_output_dir, read_manifest, write_manifest
-from pipeline.data import Collator, EncodedDataset, dev_split, eval_loader, get_task, load_glue
+from pipeline.data import GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, dev_split, eval_loader, get_task, load_glue
 from pipeline.errors import BertforgeError
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import BestDev, evaluate
 from pipeline.inference import TorchClassifier
-from pipeline.models import count_parameters, is_bertforge_pruned, load_config, load_tokenizer, resolve_model
+from pipeline.losses import prediction_loss
+from pipeline.models import count_parameters, load_model, load_tokenizer, resolve_model
+from pipeline.settings import setting
 from pipeline.training import LoopConfig, TrainLoop
 
 MODELING_FILE = Path(__file__).with_name("modeling_pruned_bert.py")
@@ -40,36 +43,25 @@ AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_pruned_bert.PrunedBe
 
 @dataclass
 class PruneConfig:
-    model: str
-    task: str
-    out: str
-    glue_dir: str | None = None
-    heads: float = 0.0  # fraction of the attention heads to remove
-    ffn: float = 0.0  # fraction of the FFN neurons to remove
-    target_params: int | None = None  # instead of fractions: remove equal fractions of both to fit this budget
-    per_layer: bool = False  # the same fraction in every layer (default: one global ranking)
-    unstructured: float = 0.0  # magnitude sparsity of the encoder's weight matrices (no speed-up)
-    importance_examples: int = 1024  # training examples used to score heads and neurons
-    importance_batch_size: int = 32
-    max_length: int | None = None
-    recover_epochs: int = 0  # prediction-layer distillation from the unpruned model afterwards
-    temperature: float = 1.0
-    max_train_examples: int | None = None
-    eval_batch_size: int = 64
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=1, batch_size=32, learning_rate=5e-5))
-
-
-# -- loading -------------------------------------------------------------------------------------
-
-def load_model(path: str) -> torch.nn.Module:
-    """A PyTorch classifier artifact, pruned with per-layer FFN widths or not."""
-    path = resolve_model(path)
-    load_config(path)  # a clear error for a folder without a readable config
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=is_bertforge_pruned(path))
-    except Exception as e:  # OSError, safetensors' own errors for corrupt files, size mismatches
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BertforgeError(f"cannot load model weights from {path}: {first[:200]}") from None
+    model: str = setting(help="PyTorch classifier artifact folder")
+    task: str = setting(help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    out: str = setting(help="the pruned model's folder")
+    glue_dir: str | None = setting(None, GLUE_DIR_HELP, env="GLUE_DIR")
+    heads: float = setting(0.0, "fraction of attention heads to remove")
+    ffn: float = setting(0.0, "fraction of FFN neurons to remove")
+    target_params: int | None = setting(None, "parameter budget: remove the same fraction of heads and neurons until "
+                                              "the model fits")
+    per_layer: bool = setting(False, "the same fraction in every layer (default: one global ranking)")
+    unstructured: float = setting(0.0, "magnitude sparsity of encoder weights (shrinks the gzipped file only, no speed-up)")
+    importance_examples: int = setting(1024, "training examples scoring heads and neurons")
+    importance_batch_size: int = setting(32, "examples per importance-scoring batch")
+    max_length: int | None = setting(None, "word-pieces per example (default: the task's)")
+    recover_epochs: int = setting(0, "epochs of prediction-layer distillation from the unpruned model afterwards")
+    temperature: float = setting(1.0, "soft cross-entropy temperature of the recovery")
+    max_train_examples: int | None = setting(None, "rows of the recovery distillation (default: the whole train split)")
+    eval_batch_size: int = setting(64, "examples per dev-scoring batch")
+    num_threads: int | None = setting(None, "CPU threads for torch", flag="--threads")
+    loop: LoopConfig = setting(factory=lambda: LoopConfig(epochs=1, batch_size=32, learning_rate=5e-5))
 
 
 def _layers(model):
@@ -206,7 +198,7 @@ def prune_unstructured(model, sparsity: float) -> dict:
     from torch.nn.utils import prune as tprune
 
     if not 0.0 <= sparsity < 1.0:
-        raise BertforgeError(f"--unstructured must be a fraction in [0, 1), got {sparsity}")
+        raise BertforgeError(f"unstructured must be a fraction in [0, 1), got {sparsity}")
     targets = [(m, "weight") for m in _layers(model).modules() if isinstance(m, torch.nn.Linear)]
     tprune.global_unstructured(targets, pruning_method=tprune.L1Unstructured, amount=sparsity)
     for m, name in targets:
@@ -243,9 +235,11 @@ def _eval_metrics(model, tokenizer, task, dev, max_length, batch_size) -> dict:
 
 def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Manifest:
     start = time.perf_counter()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     task = get_task(cfg.task)
     if not (cfg.heads or cfg.ffn or cfg.target_params or cfg.unstructured):
-        raise BertforgeError("nothing to prune: give --heads, --ffn, --target-params or --unstructured")
+        raise BertforgeError("nothing to prune: set heads, ffn, target_params or unstructured")
     parent = read_manifest(cfg.model)
     if parent and parent.format != "pytorch":
         raise BertforgeError(f"{cfg.model} is an ONNX artifact: prune the PyTorch model, then export")
@@ -302,8 +296,6 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Mani
 
 def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, resume, progress) -> dict:
     """Prediction-layer distillation from the unpruned model (soft cross-entropy to its logits)."""
-    from pipeline.distill.losses import prediction_loss
-
     train = train[:cfg.max_train_examples] if cfg.max_train_examples else train
     dataset = EncodedDataset(train, tokenizer, max_length)
     loop_cfg = LoopConfig(**{**asdict(cfg.loop), "epochs": cfg.recover_epochs})
@@ -315,22 +307,13 @@ def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, 
             t = teacher(**batch).logits
         return {"loss": prediction_loss(model(**batch).logits, t, cfg.temperature)}
 
-    def evaluate_fn():
-        evaluate_fn.metrics = _eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size)
-        return evaluate_fn.metrics["score"]
-
-    def save_best(score):
-        _save(model, tokenizer, out)
-        save_best.metrics = dict(evaluate_fn.metrics)
-
-    loop = TrainLoop(loop_cfg, model, dataset, Collator(tokenizer, task.is_regression), loss_fn, out, evaluate_fn,
-                     save_best, desc=f"prune-recover {task.name}", run_config=_run_config(cfg), progress=progress)
+    best_dev = BestDev(model, tokenizer, task, dev, max_length, cfg.eval_batch_size, out,
+                       write=lambda: _save(model, tokenizer, out))
+    loop = TrainLoop(loop_cfg, model, dataset, Collator(tokenizer, task.is_regression), loss_fn, out, best_dev.evaluate,
+                     best_dev.save, desc=f"prune-recover {task.name}", run_config=_run_config(cfg), progress=progress)
     teacher.to(loop.device)
     loop.run(resume=resume)
-    metrics = getattr(save_best, "metrics", None)
-    if metrics is None:  # resumed after the best was saved
-        metrics = _eval_metrics(load_model(str(out)), tokenizer, task, dev, max_length, cfg.eval_batch_size)
-    return {"dev": metrics}
+    return best_dev.metrics_for_manifest()
 
 
 def _save(model, tokenizer, out: Path) -> None:
@@ -349,4 +332,5 @@ def _gzip_size(path: Path) -> int:
 def _run_config(cfg: PruneConfig) -> dict:
     d = asdict(cfg)
     d.pop("eval_batch_size")
+    d.pop("num_threads")
     return d

@@ -32,9 +32,11 @@ import numpy as np
 
 from pipeline.artifacts import Manifest, prepare_output_dir, read_manifest, write_manifest
 from pipeline.data import compute_metrics, logits_to_predictions
+from pipeline.data import GLUE_DIR_HELP
 from pipeline.errors import BertforgeError
 from pipeline.inference import OrtClassifier, is_onnx_artifact
 from pipeline.models import load_config, load_tokenizer, resolve_model
+from pipeline.settings import setting
 from pipeline.onnx_utils import (ONNX_FILE, batches, compare_runtimes, copy_support_files, onnx_path, op_counts,
                                  resolve_task, task_examples)
 
@@ -49,37 +51,30 @@ FUSED = ("Attention", "SkipLayerNormalization", "EmbedLayerNormalization")
 
 @dataclass
 class QuantizeConfig:
-    model: str
-    out: str
-    mode: str = "dynamic"
-    task: str | None = None  # default: the model's config.finetuning_task
-    glue_dir: str | None = None
-    per_channel: bool = False
-    calibration_examples: int = 256  # static: training examples used to calibrate activation ranges
-    calibration_method: str = "minmax"  # minmax | entropy | percentile
-    tolerance: float | None = None  # accuracy-aware: allowed relative drop of the dev score (0.01 = 1%)
-    eval_examples: int | None = None  # dev examples scored (None: the whole dev split)
-    sensitivity_examples: int = 128  # dev examples used to rank node sensitivity
-    max_length: int | None = None
-    batch_size: int = 32
-
-    @classmethod
-    def preset(cls, name: str, **kw) -> "QuantizeConfig":
-        """Named variants, as optimum's AutoQuantizationConfig: avx512_vnni (dynamic int8), avx512_vnni_static
-        (U8S8 QDQ), gpu_fp16."""
-        presets = {"avx512_vnni": dict(mode="dynamic"), "avx512_vnni_static": dict(mode="static"),
-                   "gpu_fp16": dict(mode="fp16"), "inc_static": dict(mode="inc-static")}
-        if name not in presets:
-            raise BertforgeError(f"unknown quantization preset {name!r}: choose one of {', '.join(presets)}")
-        return cls(**{**presets[name], **kw})
+    model: str = setting(help="ONNX artifact (dynamic/static/fp16) or PyTorch artifact (inc-*)")
+    out: str = setting(help="the quantized artifact's folder")
+    mode: str = setting("dynamic", "dynamic | static (ONNX Runtime int8), fp16, inc-dynamic | inc-static "
+                                   "(neural-compressor, PyTorch)", choices=MODES)
+    task: str | None = setting(None, "default: the model's config.finetuning_task")
+    glue_dir: str | None = setting(None, GLUE_DIR_HELP, env="GLUE_DIR")
+    per_channel: bool = setting(False, "per-channel weight scales")
+    calibration_examples: int = setting(256, "static: training examples that calibrate activation ranges")
+    calibration_method: str = setting("minmax", "static: how activation ranges are chosen",
+                                      choices=("minmax", "entropy", "percentile"))
+    tolerance: float | None = setting(None, "accuracy-aware: allowed relative dev-score drop (0.01 = 1%%); "
+                                            "sensitive nodes stay float")
+    eval_examples: int | None = setting(None, "dev examples scored (default: all)")
+    sensitivity_examples: int = setting(128, "dev examples used to rank node sensitivity")
+    max_length: int | None = setting(None, "word-pieces per example (default: the task's)")
+    batch_size: int = setting(32, "examples per scoring batch")
 
 
 def quantize(cfg: QuantizeConfig, progress: bool = True) -> Manifest:
     start = time.perf_counter()
     if cfg.mode not in MODES:
-        raise BertforgeError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+        raise BertforgeError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.tolerance is not None and cfg.mode not in ("dynamic", "static"):
-        raise BertforgeError("--tolerance (accuracy-aware) works with --mode dynamic or static")
+        raise BertforgeError("tolerance (accuracy-aware) works with mode dynamic or static")
     if cfg.mode in ORT_MODES:
         return _quantize_ort(cfg, start, progress)
     return _quantize_inc(cfg, start)
@@ -151,7 +146,7 @@ class OrtQuantizer:
             methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
             if self.cfg.calibration_method not in methods:
-                raise BertforgeError(f"--calibration-method must be one of {', '.join(methods)}")
+                raise BertforgeError(f"calibration_method must be one of {', '.join(methods)}")
             quantize_static(self.src, dst, _Feeds(self.calibration), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=STATIC_OPS, per_channel=self.cfg.per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -196,9 +191,9 @@ def _quantize_ort(cfg: QuantizeConfig, start: float, progress: bool) -> Manifest
         raise BertforgeError(f"{cfg.model} is already {src_manifest.precision}: quantize the fp32 export")
     task = resolve_task(cfg.model, cfg.task)
     if cfg.mode == "static" and task is None:
-        raise BertforgeError("static quantization calibrates on task data: give --task")
+        raise BertforgeError("static quantization calibrates on task data: set the task")
     if cfg.tolerance is not None and task is None:
-        raise BertforgeError("accuracy-aware quantization scores the dev split: give --task")
+        raise BertforgeError("accuracy-aware quantization scores the dev split: set the task")
     max_length = cfg.max_length or (task.default_max_length if task else 128)
     out = prepare_output_dir(cfg.out)
     (out / ONNX_FILE).unlink(missing_ok=True)
@@ -330,10 +325,10 @@ def _quantize_inc(cfg: QuantizeConfig, start: float) -> Manifest:
     import torch
     from torch.export import Dim
 
-    from pipeline.prune import load_model
+    from pipeline.models import load_model
 
     if is_onnx_artifact(cfg.model):
-        raise BertforgeError(f"--mode {cfg.mode} (neural-compressor) quantizes the PyTorch model, not the ONNX {cfg.model}")
+        raise BertforgeError(f"mode {cfg.mode} (neural-compressor) quantizes the PyTorch model, not the ONNX {cfg.model}")
     logging.getLogger("neural_compressor").setLevel(logging.WARNING)
     from neural_compressor.torch.export import export as inc_export
     from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig, convert, prepare

@@ -1,112 +1,96 @@
 """Recipe: the whole pipeline as one job, into one run folder.
 
     teacher -> [general distillation] -> [augmentation] -> task distillation -> pruning -> ONNX export
-            -> int8 quantization -> BERT-base baseline -> bench -> report
+            -> quantization -> BERT-base baseline -> bench -> report
 
-Each stage writes `RUN/<stage>/` (an artifact folder with its `bertforge.json`, or the bench/report files)
-and its fingerprint (the stage's settings plus its input's checksums) into `RUN/stages.json`. On a re-run a
-stage whose output exists with the same fingerprint is skipped; an interrupted training stage resumes
-from its checkpoint. So a crash costs at most the steps since the last checkpoint.
+The run config composes the stages' own config dataclasses (`FinetuneConfig`, `DistillConfig`, ...): a
+section holds exactly the library's fields, and the settings every stage shares (task, glue_dir, seed,
+max_length, threads) are set once at the top and interpolated into each section. Fields that wire one
+stage's output into the next (`out`, `model`, ...) read "(set by the run)".
+
+Each stage writes `RUN/<stage>/` and records in `RUN/stages.json` its fingerprint: the sha256 of the fully
+resolved config the stage was called with, its inputs' checksums and the bertforge version. So a changed
+setting, however new, rebuilds that stage and every stage after it (their inputs' checksums change); an
+unchanged stage is skipped; an interrupted training stage resumes from its checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from pipeline.artifacts import read_manifest
+from pipeline.artifacts import MANIFEST, read_manifest
+from pipeline.bench import BenchConfig
 from pipeline.data import sample_data_dir
+from pipeline.distill.augment import AugmentConfig
+from pipeline.distill.config import DistillConfig, StudentSpec
 from pipeline.errors import BertforgeError
+from pipeline.export import ExportConfig
+from pipeline.finetune import FinetuneConfig
+from pipeline.prune import PruneConfig
+from pipeline.quantize import QuantizeConfig
+from pipeline.report import ReportConfig
+from pipeline.settings import setting
+
+WIRED = "(set by the run)"
+# Top-level settings interpolated into every section that has a field of that name.
+SHARED = {"task": "${task}", "glue_dir": "${glue_dir}", "max_length": "${max_length}", "seed": "${seed}",
+          "num_threads": "${threads}", "threads": "${threads}"}
+
+
+def _section(cls, not_shared: tuple[str, ...] = (), **values):
+    """`cls` with the library's defaults, the shared settings interpolated and `values` on top."""
+    required = {f.name: WIRED for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    cfg = cls(**{**required, **values})
+    for name, ref in SHARED.items():
+        if name not in not_shared and name not in values and hasattr(cfg, name):
+            setattr(cfg, name, ref)
+    if hasattr(cfg, "loop"):
+        cfg.loop.seed = SHARED["seed"]
+    return cfg
+
+
+# A section is a stage's library config plus the run's switches for it (whether the stage runs at all).
+@dataclass
+class TeacherSection(FinetuneConfig):
+    finetune: bool = setting(True, "fine-tune `model` on the task; false: `model` is already the teacher")
 
 
 @dataclass
-class TeacherStage:
-    model: str = "all-MiniLM-L6-v2"  # hub id or folder; fine-tuned here unless `finetune` is false
-    finetune: bool = True
-    epochs: int = 3
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    max_train_examples: int | None = None
+class GeneralSection(DistillConfig):
+    enabled: bool = setting(False, "run general distillation on `corpus` before the task stage")
 
 
 @dataclass
-class GeneralStage:
-    enabled: bool = False
-    teacher: str | None = None  # a pretrained (not fine-tuned) encoder; default: the teacher's model
-    corpus: str | None = None  # one text per line
-    student_config: str = "tinybert-4l-312d"
-    epochs: int = 3
-    learning_rate: float = 1e-4
-    max_train_examples: int | None = None
+class AugmentSection(AugmentConfig):
+    enabled: bool = setting(False, "augment the task's training set for task distillation")
 
 
 @dataclass
-class AugmentStage:
-    enabled: bool = False
-    mlm: str | None = None  # masked LM; None: GloVe candidates for every word (documented fallback)
-    n: int = 20
-    p: float = 0.4
-    k: int = 15
-    max_examples: int | None = None
+class DistillSection(DistillConfig):
+    distilled: str | None = setting(None, "an already distilled student folder: the stage is not run")
 
 
 @dataclass
-class DistillStage:
-    student: str | None = None  # an already distilled student folder: the stage is not run
-    method: str = "tinybert"
-    student_config: str | None = None  # named config or CONFIG.json (random init, or from the general stage)
-    init_from_teacher: str | None = "3"  # teacher layers the student starts from, when no general stage
-    mapping: str = "uniform"
-    intermediate_epochs: int | None = None  # None: the paper's table (20; CoLA 50)
-    prediction_epochs: int = 3
-    intermediate_lr: float = 5e-5
-    prediction_lr: float = 3e-5
-    batch_size: int = 32
-    max_train_examples: int | None = None
+class PruneSection(PruneConfig):
+    enabled: bool = setting(True, "prune the student")
 
 
 @dataclass
-class PruneStage:
-    enabled: bool = True
-    heads: float = 0.5
-    ffn: float = 0.5
-    per_layer: bool = False
-    recover_epochs: int = 1
-    learning_rate: float = 5e-5
-    max_train_examples: int | None = None  # rows of the recovery distillation (None: the whole train split)
-
-
-@dataclass
-class ExportStage:
-    optimize: str = "O2"
-    device: str = "cpu"
-
-
-@dataclass
-class QuantizeStage:
-    mode: str = "dynamic"
-    tolerance: float | None = None  # accuracy-aware: allowed relative dev-score drop
-
-
-@dataclass
-class BenchStage:
-    enabled: bool = True
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    seq_lens: list[int] = field(default_factory=lambda: [128])
-    min_iters: int = 10
-    min_seconds: float = 1.0
-    max_seconds: float = 30.0
-    baseline: bool = True
-    baseline_model: str = "bert-base-uncased"
-    threads: int | None = None
-    device: str = "auto"
+class BenchSection(BenchConfig):
+    enabled: bool = setting(True, "benchmark every artifact and write the report")
+    baseline: bool = setting(True, "add BERT-base in PyTorch fp32 and ONNX Runtime int8")
+    baseline_model: str = setting("bert-base-uncased", "hub id of the baseline (else a same-shape random model)")
 
 
 @dataclass
@@ -116,15 +100,53 @@ class RunConfig:
     glue_dir: str | None = None  # None: the SST-2 sample shipped with bertforge
     seed: int = 42
     threads: int | None = None
-    max_length: int | None = None
-    teacher: TeacherStage = field(default_factory=TeacherStage)
-    general: GeneralStage = field(default_factory=GeneralStage)
-    augment: AugmentStage = field(default_factory=AugmentStage)
-    distill: DistillStage = field(default_factory=DistillStage)
-    prune: PruneStage = field(default_factory=PruneStage)
-    export: ExportStage = field(default_factory=ExportStage)
-    quantize: QuantizeStage = field(default_factory=QuantizeStage)
-    bench: BenchStage = field(default_factory=BenchStage)
+    max_length: int | None = None  # None: each task's default (64 single sentence, 128 pairs)
+    teacher: TeacherSection = field(default_factory=lambda: _section(TeacherSection, model="all-MiniLM-L6-v2"))
+    general: GeneralSection = field(default_factory=lambda: _section(
+        GeneralSection, not_shared=("task", "glue_dir", "max_length"), stage="general", teacher="${teacher.model}",
+        student=StudentSpec(config="tinybert-4l-312d")))
+    augment: AugmentSection = field(default_factory=lambda: _section(AugmentSection, not_shared=("max_length",)))
+    distill: DistillSection = field(default_factory=lambda: _section(
+        DistillSection, stage="task", student=StudentSpec(init_from_teacher="3")))
+    prune: PruneSection = field(default_factory=lambda: _section(PruneSection, heads=0.5, ffn=0.5, recover_epochs=1))
+    export: ExportConfig = field(default_factory=lambda: _section(ExportConfig))
+    quantize: QuantizeConfig = field(default_factory=lambda: _section(QuantizeConfig))
+    bench: BenchSection = field(default_factory=lambda: _section(BenchSection, not_shared=("seed",)))
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+# Keys of earlier run configs, so an old YAML file gets a pointer instead of "key not found".
+RENAMED = {
+    "teacher.epochs": "teacher.loop.epochs", "teacher.learning_rate": "teacher.loop.learning_rate",
+    "teacher.batch_size": "teacher.loop.batch_size", "general.epochs": "general.loop.epochs",
+    "general.learning_rate": "general.loop.learning_rate", "general.student_config": "general.student.config",
+    "distill.student_config": "distill.student.config", "distill.init_from_teacher": "distill.student.init_from_teacher",
+    "distill.batch_size": "distill.loop.batch_size", "prune.learning_rate": "prune.loop.learning_rate",
+}
+
+
+def _check_renamed(part) -> None:
+    flat = OmegaConf.to_container(part, resolve=False) if part is not None else {}
+    for key, new in RENAMED.items():
+        section, _, name = key.partition(".")
+        if isinstance(flat.get(section), dict) and name in flat[section]:
+            raise BertforgeError(f"bad run config: {key} is now {new}")
+    if isinstance(flat.get("distill"), dict) and isinstance(flat["distill"].get("student"), str):
+        raise BertforgeError("bad run config: distill.student (a distilled folder) is now distill.distilled")
+
+
+# Fields the run fills with the previous stage's output: a value given for them would be ignored, so it is refused.
+WIRED_FIELDS = {"teacher": ("out",), "general": ("out", "stage"), "augment": ("out",),
+                "distill": ("out", "teacher", "stage"), "prune": ("out", "model"), "export": ("out", "model"),
+                "quantize": ("out", "model")}
+
+
+def _check_wired(cfg: RunConfig) -> None:
+    for section, names in WIRED_FIELDS.items():
+        defaults = getattr(RunConfig(), section)
+        for name in names:
+            if getattr(getattr(cfg, section), name) != getattr(defaults, name):
+                raise BertforgeError(f"bad run config: {section}.{name} is set by the run (from the stage before it)")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -137,54 +159,114 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
                 raise BertforgeError(f"config file {path} not found")
             parts.append(OmegaConf.load(path))
         parts.append(OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(OmegaConf.merge(*parts))
+        for part in parts[1:]:
+            _check_renamed(part)
+        cfg = OmegaConf.to_object(OmegaConf.merge(*parts))
     except BertforgeError:
         raise
     except Exception as e:  # omegaconf's validation errors: unknown key, wrong type
         raise BertforgeError(f"bad run config: {str(e).splitlines()[0]}") from None
+    _check_wired(cfg)
+    return cfg
+
+
+def final_stage_name(mode: str) -> str:
+    """The last stage's folder, named for what it holds."""
+    return "fp16" if mode == "fp16" else "int8"
+
+
+def _library(cls, section, **wired):
+    """The library config `cls` from a run section: its own fields only, with the run's wiring."""
+    values = {f.name: getattr(section, f.name) for f in fields(cls)}
+    return cls(**{**values, **wired})
+
+
+def _version() -> str:
+    try:
+        return metadata.version("bertforge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _input_id(path: str | None):
+    """What an input contributes to a fingerprint: an artifact's manifest (it lists every file's sha256, and
+    the settings and lineage that made them, so a rebuilt stage always rebuilds the ones after it), the
+    sha256 of a plain file or of a folder's files, or the name itself (a hub id)."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        if read_manifest(p) is not None:
+            return _sha256(p / MANIFEST)
+        return {str(f.relative_to(p)): _sha256(f) for f in sorted(p.rglob("*")) if f.is_file()}
+    if p.is_file():
+        return _sha256(p)
+    return str(path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class Run:
-    """Runs the stages in order; `stages.json` in the run folder records what each produced."""
+    """Runs the stages in order; `stages.json` in the run folder records what each produced.
 
-    def __init__(self, cfg: RunConfig, progress: bool = True):
+    With `dry_run`, nothing is built: `plan` says, per stage, whether it would be rebuilt ("rebuild")
+    or skipped ("up to date")."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True, dry_run: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.progress = progress
+        self.progress, self.dry_run = progress, dry_run
         self.glue_dir = cfg.glue_dir or str(sample_data_dir())
         self.ledger_path = self.out / "stages.json"
         self.ledger: dict[str, Any] = json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() else {}
+        self.plan: dict[str, str] = {}
+        self._pending: list[Path] = []  # dry run: folders that would be rebuilt
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def _fingerprint(self, name: str, settings: dict, inputs: list[str | None]) -> str:
-        def input_id(path):
-            manifest = read_manifest(path) if path and Path(path).is_dir() else None
-            return [f["sha256"] for f in manifest.files] if manifest else path
-
-        blob = json.dumps({"stage": name, "settings": settings, "inputs": [input_id(p) for p in inputs]},
+    @staticmethod
+    def fingerprint(name: str, config: dict, inputs: list) -> str:
+        blob = json.dumps({"stage": name, "config": config, "inputs": inputs, "bertforge": _version()},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def stage(self, name: str, settings: dict, inputs: list[str | None], work, done_file: str = "bertforge.json") -> Path:
-        """Run `work(out_dir, resume)` unless its output exists with the same fingerprint."""
+    def stage(self, name: str, config, inputs: list[str | None], work, done_file: str = "bertforge.json",
+              wired: tuple[str, ...] = ("out",), extra: dict | None = None) -> Path:
+        """Run `work(out_dir, resume)` unless its output exists with the same fingerprint. `config` is the
+        library config the stage is called with; its `wired` fields (paths) enter through `inputs`."""
         folder = self.out / name
-        key = self._fingerprint(name, settings, inputs)
+        settings = {k: v for k, v in asdict(config).items() if k not in wired} if config is not None else {}
+        settings.update(extra or {})
+        if self.dry_run and any(p and any(Path(p) == f or f in Path(p).parents for f in self._pending) for p in inputs):
+            self.plan[name] = "rebuild"  # an input is rebuilt first: its checksums are not known yet
+            self._pending.append(folder)
+            return folder
+        key = self.fingerprint(name, settings, [_input_id(p) for p in inputs])
         entry = self.ledger.get(name, {})
         if entry.get("fingerprint") == key and (folder / done_file).exists():
-            print(f"[run] {name}: up to date, skipped", file=sys.stderr)
+            self.plan[name] = "up to date"
+            if not self.dry_run:
+                print(f"[run] {name}: up to date, skipped", file=sys.stderr)
+            return folder
+        self.plan[name] = "rebuild"
+        if self.dry_run:
+            self._pending.append(folder)
             return folder
         resume = entry.get("fingerprint") == key and (folder / "checkpoints").is_dir()
         if entry.get("fingerprint") not in (None, key) and folder.exists():
             print(f"[run] {name}: settings or inputs changed, rebuilding", file=sys.stderr)
-            import shutil
-
             shutil.rmtree(folder)
         print(f"[run] {name}: {'resuming' if resume else 'running'}", file=sys.stderr)
-        self.ledger[name] = {"fingerprint": key, "status": "running", "settings": settings}
+        self.ledger[name] = {"fingerprint": key, "status": "running", "config": settings}
         self._save_ledger()
         start = time.perf_counter()
         work(folder, resume)
-        self.ledger[name].update(status="done", wall_s=round(time.perf_counter() - start, 1))
+        self.ledger[name].update(status="done", wall_s=round(time.perf_counter() - start, 1), built_at=time.time())
         self._save_ledger()
         return folder
 
@@ -195,8 +277,9 @@ class Run:
     # -- the stages ----------------------------------------------------------------------------
     def run(self) -> dict[str, Path]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if not self.dry_run:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         made: dict[str, Path] = {}
         made["teacher"] = self.teacher()
         general = self.general_distillation() if cfg.general.enabled else None
@@ -204,139 +287,111 @@ class Run:
         made["student"] = self.task_distillation(made["teacher"], general, train_file)
         made["pruned"] = self.prune(made["student"], made["teacher"]) if cfg.prune.enabled else made["student"]
         made["onnx"] = self.export(made["pruned"])
-        made["int8"] = self.quantize(made["onnx"])
+        final = final_stage_name(cfg.quantize.mode)
+        made[final] = self.quantize(made["onnx"], final)
         if cfg.bench.enabled:
-            bench = self.bench(made)
-            made["report"] = self.report(bench)
+            bench = self.bench(made, final)
+            made["report"] = self.report(bench, final)
         return made
 
     def teacher(self) -> Path:
         t = self.cfg.teacher
         if not t.finetune:
             return Path(t.model)
-        from pipeline.finetune import FinetuneConfig, finetune
-        from pipeline.training import LoopConfig
+        from pipeline.finetune import finetune
+
+        config = _library(FinetuneConfig, t, out=WIRED, glue_dir=t.glue_dir or self.glue_dir)
 
         def work(out, resume):
-            finetune(FinetuneConfig(task=self.cfg.task, model=t.model, out=str(out), glue_dir=self.glue_dir,
-                                    max_train_examples=t.max_train_examples, max_length=self.cfg.max_length,
-                                    num_threads=self.cfg.threads,
-                                    loop=LoopConfig(epochs=t.epochs, batch_size=t.batch_size,
-                                                    learning_rate=t.learning_rate, seed=self.cfg.seed)),
-                     resume=resume, progress=self.progress)
+            finetune(dataclasses.replace(config, out=str(out)), resume=resume, progress=self.progress)
 
-        return self.stage("teacher", asdict(t) | {"task": self.cfg.task, "glue_dir": self.glue_dir}, [], work)
+        return self.stage("teacher", config, [t.model], work, wired=("out", "model"))
 
     def general_distillation(self) -> Path:
         from pipeline.distill import distill
-        from pipeline.distill.config import DistillConfig
-        from pipeline.distill.students import StudentSpec
-        from pipeline.training import LoopConfig
 
         g = self.cfg.general
         if not g.corpus:
             raise BertforgeError("general.enabled needs general.corpus (a text file, one text per line)")
+        config = _library(DistillConfig, g, out=WIRED, stage="general")
 
         def work(out, resume):
-            distill(DistillConfig(stage="general", teacher=g.teacher or self.cfg.teacher.model, out=str(out),
-                                  student=StudentSpec(config=g.student_config), corpus=g.corpus,
-                                  max_train_examples=g.max_train_examples, num_threads=self.cfg.threads,
-                                  loop=LoopConfig(epochs=g.epochs, learning_rate=g.learning_rate, seed=self.cfg.seed)),
-                    resume=resume, progress=self.progress)
+            distill(dataclasses.replace(config, out=str(out)), resume=resume, progress=self.progress)
 
-        return self.stage("general", asdict(g), [g.corpus], work)
+        return self.stage("general", config, [g.teacher, g.corpus], work, wired=("out", "teacher", "corpus"))
 
     def augment(self) -> Path:
-        from pipeline.distill.augment import AugmentConfig, augment_dataset
+        from pipeline.distill.augment import augment_dataset
 
         a = self.cfg.augment
+        config = _library(AugmentConfig, a, out=WIRED, glue_dir=a.glue_dir or self.glue_dir)
 
         def work(out, resume):
             out.mkdir(parents=True, exist_ok=True)
-            augment_dataset(AugmentConfig(task=self.cfg.task, out=str(out / "train.tsv"), glue_dir=self.glue_dir,
-                                          mlm=a.mlm, n=a.n, p=a.p, k=a.k, max_examples=a.max_examples,
-                                          seed=self.cfg.seed, num_threads=self.cfg.threads), progress=self.progress)
+            augment_dataset(dataclasses.replace(config, out=str(out / "train.tsv")), progress=self.progress)
 
-        folder = self.stage("augment", asdict(a) | {"task": self.cfg.task, "glue_dir": self.glue_dir}, [], work,
-                            done_file="train.tsv")
+        folder = self.stage("augment", config, [a.input_file], work, done_file="train.tsv",
+                            wired=("out", "input_file"))
         return folder / "train.tsv"
 
     def task_distillation(self, teacher: Path, general: Path | None, train_file: Path | None) -> Path:
         from pipeline.distill import distill
-        from pipeline.distill.config import DistillConfig
-        from pipeline.distill.students import StudentSpec
-        from pipeline.training import LoopConfig
 
         d = self.cfg.distill
-        if d.student:
-            if read_manifest(d.student) is None:
-                raise BertforgeError(f"distill.student {d.student} is not a bertforge artifact (no bertforge.json)")
-            return Path(d.student)
-        if general is not None:
-            student = StudentSpec(pretrained=str(general))
-        elif d.student_config:
-            student = StudentSpec(config=d.student_config)
-        else:
-            student = StudentSpec(init_from_teacher=d.init_from_teacher)
+        if d.distilled:
+            if read_manifest(d.distilled) is None:
+                raise BertforgeError(f"distill.distilled {d.distilled} is not a bertforge artifact (no bertforge.json)")
+            return Path(d.distilled)
+        student = StudentSpec(pretrained=str(general)) if general is not None else d.student
+        config = _library(DistillConfig, d, out=WIRED, stage="task", teacher=str(teacher), student=student,
+                          glue_dir=d.glue_dir or self.glue_dir,
+                          train_file=str(train_file) if train_file else d.train_file)
 
         def work(out, resume):
-            distill(DistillConfig(stage="task", teacher=str(teacher), out=str(out), method=d.method, student=student,
-                                  mapping=d.mapping, task=self.cfg.task, glue_dir=self.glue_dir,
-                                  train_file=str(train_file) if train_file else None,
-                                  max_train_examples=d.max_train_examples, max_length=self.cfg.max_length,
-                                  intermediate_epochs=d.intermediate_epochs, intermediate_lr=d.intermediate_lr,
-                                  prediction_epochs=d.prediction_epochs, prediction_lr=d.prediction_lr,
-                                  num_threads=self.cfg.threads,
-                                  loop=LoopConfig(batch_size=d.batch_size, seed=self.cfg.seed)),
-                    resume=resume, progress=self.progress)
+            distill(dataclasses.replace(config, out=str(out)), resume=resume, progress=self.progress)
 
-        inputs = [str(teacher), str(general) if general else None, str(train_file) if train_file else None]
-        return self.stage("student", asdict(d), inputs, work)
+        inputs = [str(teacher), str(general) if general else None, config.train_file]
+        wired = ("out", "teacher", "train_file") + (("student",) if general is not None else ())
+        return self.stage("student", config, inputs, work, wired=wired)
 
     def prune(self, student: Path, teacher: Path) -> Path:
-        from pipeline.prune import PruneConfig, prune
-        from pipeline.training import LoopConfig
+        from pipeline.prune import prune
 
         p = self.cfg.prune
+        config = _library(PruneConfig, p, out=WIRED, model=str(student), glue_dir=p.glue_dir or self.glue_dir)
 
         def work(out, resume):
-            prune(PruneConfig(model=str(student), task=self.cfg.task, out=str(out), glue_dir=self.glue_dir,
-                              heads=p.heads, ffn=p.ffn, per_layer=p.per_layer, recover_epochs=p.recover_epochs,
-                              max_train_examples=p.max_train_examples, max_length=self.cfg.max_length,
-                              loop=LoopConfig(epochs=max(p.recover_epochs, 1), learning_rate=p.learning_rate,
-                                              seed=self.cfg.seed)),
-                  resume=resume, progress=self.progress)
+            prune(dataclasses.replace(config, out=str(out)), resume=resume, progress=self.progress)
 
-        return self.stage("pruned", asdict(p), [str(student)], work)
+        return self.stage("pruned", config, [str(student)], work, wired=("out", "model"))
 
     def export(self, model: Path) -> Path:
-        from pipeline.export import ExportConfig, export
+        from pipeline.export import export
 
         e = self.cfg.export
+        config = _library(ExportConfig, e, out=WIRED, model=str(model), glue_dir=e.glue_dir or self.glue_dir)
 
         def work(out, resume):
-            export(ExportConfig(model=str(model), out=str(out), task=self.cfg.task, glue_dir=self.glue_dir,
-                                optimize=e.optimize, device=e.device, max_length=self.cfg.max_length),
-                   progress=self.progress)
+            export(dataclasses.replace(config, out=str(out)), progress=self.progress)
 
-        return self.stage("onnx", asdict(e), [str(model)], work)
+        return self.stage("onnx", config, [str(model)], work, wired=("out", "model"))
 
-    def quantize(self, model: Path) -> Path:
-        from pipeline.quantize import QuantizeConfig, quantize
+    def quantize(self, model: Path, name: str) -> Path:
+        from pipeline.quantize import quantize
 
         q = self.cfg.quantize
+        config = _library(QuantizeConfig, q, out=WIRED, model=str(model), glue_dir=q.glue_dir or self.glue_dir)
 
         def work(out, resume):
-            quantize(QuantizeConfig(model=str(model), out=str(out), mode=q.mode, task=self.cfg.task,
-                                    glue_dir=self.glue_dir, tolerance=q.tolerance, max_length=self.cfg.max_length),
-                     progress=self.progress)
+            quantize(dataclasses.replace(config, out=str(out)), progress=self.progress)
 
-        return self.stage("int8", asdict(q), [str(model)], work)
+        return self.stage(name, config, [str(model)], work, wired=("out", "model"))
 
-    def bench(self, made: dict[str, Path]) -> Path:
-        from pipeline.bench import ArtifactSpec, BenchConfig, benchmark_artifacts, write_bench
+    def bench(self, made: dict[str, Path], final: str) -> Path:
+        from pipeline.bench import ArtifactSpec, benchmark_artifacts, write_bench
 
         b = self.cfg.bench
+        config = _library(BenchConfig, b)
         specs = [ArtifactSpec(name, path) for name, path in made.items() if name != "report"]
 
         def work(out, resume):
@@ -348,24 +403,33 @@ class Run:
                 built = build_baseline(self.out / "bert-base-baseline", task=self.cfg.task, hub_id=b.baseline_model)
                 all_specs += [ArtifactSpec("bert-base-torch-fp32", built["torch_fp32"]),
                               ArtifactSpec("bert-base-ort-int8", built["ort_int8"])]
-            result = benchmark_artifacts(all_specs, BenchConfig(
-                batch_sizes=b.batch_sizes, seq_lens=b.seq_lens, min_iters=b.min_iters, min_seconds=b.min_seconds,
-                max_seconds=b.max_seconds, threads=b.threads or self.cfg.threads, device=b.device),
-                progress=self.progress)
-            result.update(final="int8", teacher="teacher", command=shlex.join(sys.argv))
+            result = benchmark_artifacts(all_specs, config, progress=self.progress)
+            result.update(final=final, teacher="teacher", command=shlex.join(sys.argv))
             write_bench(result, out / "bench.json")
 
-        return self.stage("bench", asdict(b), [str(p) for p in made.values()], work, done_file="bench.json")
+        return self.stage("bench", config, [str(p) for p in made.values()], work, done_file="bench.json", wired=(),
+                          extra={"baseline": b.baseline, "baseline_model": b.baseline_model, "final": final})
 
-    def report(self, bench: Path) -> Path:
-        from pipeline.report import ReportConfig, build_report
+    def report(self, bench: Path, final: str) -> Path:
+        from pipeline.report import build_report
+
+        config = dataclasses.replace(self.cfg.report, final=self.cfg.report.final or final,
+                                     teacher=self.cfg.report.teacher or "teacher")
 
         def work(out, resume):
             data = json.loads((bench / "bench.json").read_text())
-            build_report(data, out, ReportConfig(final="int8", teacher="teacher", command=data.get("command")))
+            build_report(data, out, dataclasses.replace(config, command=data.get("command")))
 
-        return self.stage("report", {}, [str(bench / "bench.json")], work, done_file="report.html")
+        return self.stage("report", config, [str(bench / "bench.json")], work, done_file="report.html",
+                          wired=("command",))
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Path]:
     return Run(cfg, progress).run()
+
+
+def plan_pipeline(cfg: RunConfig) -> dict[str, str]:
+    """Which stages a run of `cfg` would rebuild ("rebuild") and which it would skip ("up to date")."""
+    run = Run(cfg, progress=False, dry_run=True)
+    run.run()
+    return run.plan

@@ -23,23 +23,24 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from pipeline.errors import BertforgeError
+from pipeline.settings import setting
 
 CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
 class LoopConfig:
-    epochs: int = 3
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    eval_every: int | None = None  # optimizer steps; None: at the end of each epoch
-    checkpoint_every: int = 200  # optimizer steps
-    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, quick runs)
-    seed: int = 42
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (GPU), through accelerate
+    epochs: int = setting(3, "training epochs")
+    batch_size: int = setting(32, "examples per optimizer step")
+    learning_rate: float = setting(5e-5, "peak learning rate of AdamW")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorm)")
+    warmup_ratio: float = setting(0.1, "fraction of the steps with a linear learning-rate warm-up")
+    max_grad_norm: float = setting(1.0, "clip gradients to this norm (0: no clipping)")
+    eval_every: int | None = setting(None, "evaluate every N optimizer steps (default: each epoch)")
+    checkpoint_every: int = setting(200, "save resume state every N optimizer steps")
+    max_steps_per_epoch: int | None = setting(None, "cut epochs short (smoke tests, quick runs)")
+    seed: int = setting(42, "seed of the data order and initialisation")
+    mixed_precision: str = setting("no", "accelerate's mixed precision (GPU)", choices=("no", "fp16", "bf16"))
 
 
 def seed_everything(seed: int) -> None:

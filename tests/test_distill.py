@@ -249,5 +249,5 @@ def test_cli_errors(teacher, small_glue, tmp_path, capsys):
     assert "unknown student config" in _cli_error(capsys, [*base, "--student-config", "tinybert-9l"])
     assert "task-stage method" in _cli_error(capsys, ["distill", "--stage", "general", "--method", "pred-only",
                                                        "--teacher", str(teacher), "--out", str(tmp_path / "y")])
-    assert "--corpus" in _cli_error(capsys, ["distill", "--stage", "general", "--teacher", str(teacher),
+    assert "corpus" in _cli_error(capsys, ["distill", "--stage", "general", "--teacher", str(teacher),
                                              "--student-config", "tinybert-4l-312d", "--out", str(tmp_path / "z")])

@@ -15,7 +15,8 @@ from pipeline.distill import distill
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.difficulty import difficulty_loss, difficulty_weights
 from pipeline.distill.kd import kd_loss
-from pipeline.distill.theseus import TheseusModel, TheseusOptions, module_groups, replacing_rate
+from pipeline.distill.config import TheseusOptions
+from pipeline.distill.theseus import TheseusModel, module_groups, replacing_rate
 from pipeline.errors import BertforgeError
 from pipeline.training import LoopConfig
 

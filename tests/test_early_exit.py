@@ -8,7 +8,7 @@ from conftest import make_tiny_bert
 from pipeline.artifacts import read_manifest
 from pipeline.data import Example, load_glue, write_examples_file
 from pipeline.distill import distill
-from pipeline.distill.config import DistillConfig
+from pipeline.distill.config import DistillConfig, EarlyExitOptions
 from pipeline.distill.early_exit import EarlyExitBert, normalised_entropy, speed_accuracy_curve
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.models import load_tokenizer
@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
         model.classifier.bias.mul_(100.0)
     model.save_pretrained(root / "ft")
     cfg = DistillConfig(stage="task", teacher=str(root / "ft"), out=str(root / "ee"), method="early-exit", task="sst2",
-                        glue_dir=str(root / "glue"), method_options={"branch_hidden": "16", "thresholds": "0.2,0.5,1"},
+                        glue_dir=str(root / "glue"), early_exit=EarlyExitOptions(branch_hidden=16, thresholds="0.2,0.5,1"),
                         loop=LoopConfig(epochs=10, batch_size=16, learning_rate=1e-2, checkpoint_every=0, warmup_ratio=0.0))
     manifest = distill(cfg, progress=False)
     return root, manifest

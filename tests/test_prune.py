@@ -11,7 +11,8 @@ from pipeline.cli import main
 from pipeline.data import Collator, EncodedDataset, eval_loader, load_glue
 from pipeline.errors import BertforgeError
 from pipeline.models import count_parameters, load_tokenizer
-from pipeline.prune import (PruneConfig, ffn_sizes, head_counts, load_model, prune, select_units, unit_importance)
+from pipeline.models import load_model
+from pipeline.prune import PruneConfig, ffn_sizes, head_counts, prune, select_units, unit_importance
 from pipeline.training import LoopConfig
 
 

@@ -26,8 +26,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(f"pipeline.cli.{name}_cmd")
         except ModuleNotFoundError as e:
-            if e.name == f"pipeline.cli.{name}_cmd":
-                continue  # not built yet
             if e.name and e.name.split(".")[0] in ("pipeline", "serving"):
                 raise
             # a slim install (bertforge[serve]) lacks torch and the training stack: say so when used

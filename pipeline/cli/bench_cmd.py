@@ -1,6 +1,8 @@
+"""`bertforge bench`: flags from BenchConfig, plus the artifacts and the BERT-base baseline."""
 from pathlib import Path
 
-from pipeline.cli.common import print_json
+from pipeline.bench import BenchConfig
+from pipeline.cli.common import add_config_args, config_from_args, print_json
 
 
 def add_parser(sub):
@@ -8,16 +10,7 @@ def add_parser(sub):
     p.add_argument("--models", nargs="+", required=True, metavar="[NAME=]DIR",
                    help="artifact folders (PyTorch or ONNX); NAME= sets the row label (default: the folder name)")
     p.add_argument("--out", required=True, help="bench JSON file to write")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[128])
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--min-iters", type=int, default=10)
-    p.add_argument("--min-seconds", type=float, default=1.0, help="measured seconds per artifact and grid point")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="cap per artifact and grid point")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: every usable core)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="auto: cpu, plus cuda when present")
-    p.add_argument("--cold-start", choices=["subprocess", "inprocess"], default="subprocess",
-                   help="measure load + first call in a fresh process (honest peak memory) or in this one")
+    add_config_args(p, BenchConfig)
     g = p.add_argument_group("BERT-base baseline")
     g.add_argument("--baseline", action="store_true",
                    help="add BERT-base in PyTorch fp32 and ONNX Runtime int8 (bert-base-uncased, else a same-shape random model)")
@@ -63,11 +56,9 @@ def parse_shape(items: list[str] | None) -> dict | None:
 
 def run(args):
     from pipeline.artifacts import read_manifest
-    from pipeline.bench import ArtifactSpec, BenchConfig, benchmark_artifacts, write_bench
+    from pipeline.bench import ArtifactSpec, benchmark_artifacts, write_bench
 
-    cfg = BenchConfig(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, warmup=args.warmup, min_iters=args.min_iters,
-                      min_seconds=args.min_seconds, max_seconds=args.max_seconds, threads=args.threads,
-                      device=args.device, cold_start=args.cold_start)
+    cfg = config_from_args(BenchConfig, args)
     specs = [ArtifactSpec.parse(m) for m in args.models]
     if args.baseline:
         from pipeline.baseline import build_baseline

@@ -1,51 +1,141 @@
-"""Arguments several commands share."""
+"""Arguments several commands share, and the flags built from a stage's config dataclass.
+
+A stage's config dataclass (`FinetuneConfig`, `PruneConfig`, ...) is the one definition of its settings:
+`add_config_args` makes one flag per field (`--max-length` for `max_length`; a nested dataclass such as
+`loop` contributes its own fields), with the field's default and its `metadata["help"]`, and
+`config_from_args` builds the dataclass back from the parsed arguments. Defaults cannot drift apart.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import types
+import typing
+from typing import Any
 
-from pipeline.data import GLUE_TASKS
+from pipeline.errors import BertforgeError
 
 
-def add_task(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--task", required=required, help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _plain_type(tp) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) for `X | None` and `Optional[X]`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _default(f: dataclasses.Field, defaults) -> Any:
+    if defaults is not None:
+        return getattr(defaults, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def add_config_args(parser, cls, skip: tuple[str, ...] = (), prefix: str = "", dest: str = "",
+                    defaults: Any = None, groups: dict[str, str] | None = None) -> None:
+    """One flag per field of dataclass `cls` (recursing into dataclass fields; `groups` names an argument
+    group per nested field). `prefix` goes before flag names (`--kd-alpha`), `dest` before attribute names."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = _default(f, defaults)
+        tp, optional = _plain_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            title = (groups or {}).get(f.name)
+            target = parser.add_argument_group(title) if title else parser
+            nested_prefix = NESTED_PREFIX.get(f.name, "")
+            add_config_args(target, tp, prefix=nested_prefix, dest=f"{dest}{f.name}.",
+                            defaults=None if default is dataclasses.MISSING else default)
+            continue
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + (prefix + f.name).replace("_", "-")
+        kw: dict[str, Any] = {"dest": dest + f.name, "help": meta.get("help") or None}
+        if meta.get("env") and os.environ.get(meta["env"]):
+            default = os.environ[meta["env"]]
+        if tp is bool:
+            # a flag that turns a default off is named for that (`--no-eval`), one that turns it on for the setting
+            kw.update(action="store_false" if default else "store_true", default=default)
+            if default and kw["help"]:
+                kw["help"] = f"turn off: {kw['help']}"
+        else:
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+            if typing.get_origin(tp) is list:
+                kw["nargs"] = "+"
+            kw["type"] = item if item in (int, float) else str
+            if meta.get("choices"):
+                kw["choices"] = list(meta["choices"])
+            if not meta.get("choices"):
+                kw["metavar"] = meta.get("metavar") or f.name.upper()
+            if default is dataclasses.MISSING:
+                kw["required"] = True
+            else:
+                kw["default"] = default
+                if default is not None and kw["help"] is not None:
+                    kw["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        parser.add_argument(flag, **kw)
+
+
+# Nested sections whose flags carry the section's name: `--kd-alpha`, `--theseus-slope`, ...
+NESTED_PREFIX = {"kd": "kd-", "theseus": "theseus-", "early_exit": "early-exit-"}
+
+
+def config_from_args(cls, args: argparse.Namespace, dest: str = "", skip: tuple[str, ...] = (), **given):
+    """The dataclass `cls` from the attributes `add_config_args` made; `given` sets skipped fields."""
+    hints = _field_types(cls)
+    values = dict(given)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name in values:
+            continue
+        tp, _ = _plain_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = config_from_args(tp, args, dest=f"{dest}{f.name}.")
+        elif hasattr(args, dest + f.name):
+            values[f.name] = getattr(args, dest + f.name)
+    return cls(**values)
+
+
+def parse_value(cls, name: str, raw: str) -> Any:
+    """A `KEY=VALUE` string converted to the type of field `name` of dataclass `cls`."""
+    tp, optional = _plain_type(_field_types(cls)[name])
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    try:
+        if tp is bool:
+            return raw.lower() in ("1", "true", "yes", "on")
+        return tp(raw) if tp in (int, float) else raw
+    except ValueError:
+        raise BertforgeError(f"{name}={raw!r} is not a {tp.__name__}") from None
+
+
+def add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
 
 
 def add_glue_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"),
-                   help="folder holding CoLA/, SST-2/, ... (classic glue_data layout); default: $GLUE_DIR, "
-                        "else the Hugging Face hub")
+    """For commands without a config dataclass (loadtest)."""
+    from pipeline.data import GLUE_DIR_HELP
 
-
-def add_loop(p: argparse.ArgumentParser, epochs: int, lr: float, batch_size: int = 32) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=batch_size)
-    g.add_argument("--learning-rate", type=float, default=lr)
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm (0: no clipping)")
-    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: each epoch)")
-    g.add_argument("--checkpoint-every", type=int, default=200, help="save resume state every N steps")
-    g.add_argument("--max-steps-per-epoch", type=int, default=None)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-
-
-def loop_config(args: argparse.Namespace):
-    from pipeline.training import LoopConfig
-
-    return LoopConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-                      max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
-                      checkpoint_every=args.checkpoint_every, max_steps_per_epoch=args.max_steps_per_epoch,
-                      seed=args.seed, mixed_precision=args.mixed_precision)
+    p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR"), help=GLUE_DIR_HELP)
 
 
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def add_task(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """For commands without a config dataclass (eval)."""
+    from pipeline.data import GLUE_TASKS
+
+    p.add_argument("--task", required=required, help=f"GLUE task: {', '.join(GLUE_TASKS)}")

@@ -6,14 +6,18 @@ def add_parser(sub):
     p.add_argument("--config", default=None, help="YAML file (see configs/); omitted: the built-in quick-start defaults")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. --set task=mrpc distill.prediction_epochs=1 out=runs/mrpc")
+    p.add_argument("--dry-run", action="store_true", help="only say which stages would be rebuilt and which skipped")
     p.set_defaults(func=run)
 
 
 def run(args):
     from pipeline.artifacts import read_manifest
-    from pipeline.run import load_run_config, run_pipeline
+    from pipeline.run import load_run_config, plan_pipeline, run_pipeline
 
     cfg = load_run_config(args.config, args.set)
+    if args.dry_run:
+        print_json(plan_pipeline(cfg))
+        return
     made = run_pipeline(cfg)
     summary = {}
     for name, path in made.items():

@@ -15,6 +15,10 @@ from pipeline.data.tasks import Columns, TaskSpec, get_task
 from pipeline.errors import BertforgeError
 
 
+GLUE_DIR_HELP = ("folder holding CoLA/, SST-2/, ... (classic glue_data layout); default: $GLUE_DIR, else the "
+                 "Hugging Face hub")
+
+
 @dataclass(frozen=True)
 class Example:
     text_a: str
@@ -28,12 +32,10 @@ def sample_data_dir() -> Path:
 
 
 def default_data_dir() -> Path | None:
-    """`$GLUE_DIR` if set, else `../shared/glue_data` next to a source checkout, else None."""
+    """`$GLUE_DIR` if set, else None (the caller takes the bundled sample or the hub). Never a folder guessed
+    from where the package is installed."""
     env = os.environ.get("GLUE_DIR")
-    if env:
-        return Path(env)
-    candidate = Path(__file__).resolve().parents[3] / "shared" / "glue_data"
-    return candidate if candidate.is_dir() else None
+    return Path(env) if env else None
 
 
 def _split_key(task: TaskSpec, split: str) -> Columns:
@@ -83,7 +85,7 @@ def _load_from_hub(task: TaskSpec, split: str) -> list[Example]:
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
-        raise BertforgeError("no --glue-dir given and the `datasets` package is missing") from None
+        raise BertforgeError("no glue_dir given and the `datasets` package is missing") from None
     hub_split = {"dev": "validation", "dev_matched": "validation_matched",
                  "dev_mismatched": "validation_mismatched"}.get(split, split)
     try:
@@ -121,6 +123,14 @@ def load_glue(task: str, split: str, data_dir: str | os.PathLike | None = None) 
     if not path.is_file():
         raise BertforgeError(f"{path} not found: {data_dir} has no {split} split of {spec.folder}")
     return read_tsv(spec, path, columns)
+
+
+def load_train_examples(task: str, data_dir: str | os.PathLike | None = None, train_file: str | os.PathLike | None = None,
+                        max_examples: int | None = None) -> list[Example]:
+    """The training rows of a recipe: `train_file` (a TSV in the task's layout, e.g. augmented data) or the
+    GLUE train split, cut to the first `max_examples`."""
+    examples = load_examples_file(task, train_file) if train_file else load_glue(task, "train", data_dir)
+    return examples[:max_examples] if max_examples else examples
 
 
 def load_examples_file(task: str, path: str | os.PathLike, split: str = "train") -> list[Example]:

@@ -3,7 +3,8 @@
 A method is a function `fn(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Manifest`
 that writes the student artifact to `cfg.out`. METHODS names them as "module:function" so that the
 CLI can list them without importing torch; adding a method is one module plus one line here, e.g.
-`"kd": "pipeline.distill.kd:distill"`. Settings only one method reads go in `cfg.method_options`.
+`"kd": "pipeline.distill.kd:distill"`. Settings only one method reads are a typed section of
+DistillConfig (`cfg.kd`, `cfg.theseus`, `cfg.early_exit`).
 """
 from __future__ import annotations
 

@@ -39,9 +39,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import Example, get_task, load_examples_file, load_glue, write_examples_file
+from pipeline.data import GLUE_DIR_HELP, GLUE_TASKS, Example, get_task, load_examples_file, load_glue, write_examples_file
 from pipeline.distill.glove import GloveVectors, load_glove
 from pipeline.errors import BertforgeError
+from pipeline.settings import setting
 
 # NLTK's English stopword list, which the official TinyBERT script also uses (NLTK is not a dependency).
 STOPWORDS = frozenset("""
@@ -59,26 +60,28 @@ shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn'
 
 @dataclass
 class AugmentConfig:
-    task: str
-    out: str  # the augmented TSV; its manifest goes to OUT.json
-    glue_dir: str | None = None
-    input_file: str | None = None  # a TSV in the task's layout instead of GLUE train
-    mlm: str | None = None  # masked LM (hub id or folder); None: GloVe candidates for every word
+    task: str = setting(help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    out: str = setting(help="the augmented TSV; its manifest goes to OUT.json")
+    glue_dir: str | None = setting(None, GLUE_DIR_HELP, env="GLUE_DIR")
+    input_file: str | None = setting(None, "TSV in the task's layout instead of GLUE train")
+    mlm: str | None = setting(None, "masked LM (hub id or folder) for single-piece words; none: GloVe candidates "
+                                    "for every word")
     # Or fit a masked-LM head on this frozen BERT encoder over the input's own text, and use that
     # (pipeline/distill/mlm_head.py); the head is kept beside the output as OUT.mlm/.
-    mlm_head_on: str | None = None
-    mlm_head_steps: int = 600
-    glove: str | None = None  # GloVe text file; None: the packaged glove.6B 50-d
-    p: float = 0.4  # probability of replacing a candidate word
-    k: int = 15  # candidates per word
-    n: int = 20  # variants drawn per example (and per side of a pair)
-    seed: int = 0
-    batch_size: int = 256  # masked sentence copies per masked-LM forward
-    max_length: int = 128  # word-pieces the masked LM sees; later words get GloVe candidates
-    max_examples: int | None = None
-    chunk_size: int = 2000  # examples augmented (and written) at a time
-    device: str | None = None
-    num_threads: int | None = None
+    mlm_head_on: str | None = setting(None, "no masked LM at hand: fit a masked-LM head on this frozen BERT encoder "
+                                            "over the task's text", metavar="ENCODER")
+    mlm_head_steps: int = setting(600, "training steps of that head")
+    glove: str | None = setting(None, "GloVe text file (default: packaged glove.6B 50-d)")
+    p: float = setting(0.4, "probability of replacing a candidate word")
+    k: int = setting(15, "candidates per word")
+    n: int = setting(20, "variants drawn per example (per side of a pair)")
+    seed: int = setting(0, "seed of the replacement draws")
+    batch_size: int = setting(256, "masked sentence copies per masked-LM forward")
+    max_length: int = setting(128, "word-pieces the masked LM sees; later words get GloVe candidates")
+    max_examples: int | None = setting(None, "augment the first N examples only")
+    chunk_size: int = setting(2000, "examples augmented (and written) at a time")
+    device: str | None = setting(None, "cpu | cuda (default: cuda when available)")
+    num_threads: int | None = setting(None, "CPU threads for torch", flag="--threads")
 
 
 def is_candidate_word(word: str) -> bool:
@@ -283,7 +286,7 @@ def augment_dataset(cfg: AugmentConfig, progress: bool = True) -> dict:
     mlm, head = cfg.mlm, None
     if cfg.mlm_head_on:
         if cfg.mlm:
-            raise BertforgeError("give a masked LM (--mlm) or an encoder to fit a head on (--mlm-head-on), not both")
+            raise BertforgeError("give a masked LM (mlm) or an encoder to fit a head on (mlm_head_on), not both")
         from pipeline.distill.mlm_head import MANIFEST, MlmHeadConfig, fit_mlm_head
 
         texts = [ex.text_a for ex in examples] + [ex.text_b for ex in examples if ex.text_b]

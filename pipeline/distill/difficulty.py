@@ -49,10 +49,6 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     if task.is_regression:
         raise BertforgeError("method difficulty weighs examples by the entropy of a class prediction: "
                              f"{task.name} is a regression task (use kd)")
-    if cfg.method_options:
-        raise BertforgeError(f"method difficulty has no options (got {', '.join(cfg.method_options)}); "
-                             "the temperature is --temperature")
-
     def loss_of(s, t, y):
         return difficulty_loss(s, t, y, cfg.temperature)
 

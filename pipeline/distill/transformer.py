@@ -23,17 +23,17 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
-from pipeline.data import Collator, EncodedDataset, Example, dev_split, get_task, load_glue
+from pipeline.data import Collator, EncodedDataset, Example, dev_split, get_task, load_glue, load_train_examples
 from pipeline.data.tasks import TaskSpec
 from pipeline.distill.capture import ScoreCapture, run_with_internals
-from pipeline.distill.common import (BestDev, TeacherLogits, check_fresh_or_resume, load_teacher, run_config,
+from pipeline.distill.common import (TeacherLogits, check_fresh_or_resume, load_teacher, run_config,
                                      student_note, teacher_score)
 from pipeline.distill.config import GENERAL_MAX_LENGTH, DistillConfig
 from pipeline.distill.losses import prediction_loss, transformer_loss
 from pipeline.distill.mapping import layer_mapping
 from pipeline.distill.students import build_student
 from pipeline.errors import BertforgeError
-from pipeline.finetune import load_train_examples
+from pipeline.evaluate import BestDev
 from pipeline.models import count_parameters, load_tokenizer
 from pipeline.training import CHECKPOINT_DIR, LoopConfig, TrainLoop, seed_everything
 
@@ -70,7 +70,7 @@ def train_on_labels(cfg: DistillConfig, resume: bool = False, progress: bool = T
 
 def _require_task_stage(cfg: DistillConfig) -> None:
     if cfg.stage != "task":
-        raise BertforgeError(f"method {cfg.method} is a task-stage method: use --stage task")
+        raise BertforgeError(f"method {cfg.method} is a task-stage method: set stage task")
 
 
 # -- shared pieces -------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def epoch_loss_summary(loop: TrainLoop) -> dict:
 # -- general distillation ------------------------------------------------------------------------
 def read_corpus(path: str | None, max_examples: int | None) -> list[Example]:
     if not path:
-        raise BertforgeError("general distillation needs --corpus FILE (one text per line)")
+        raise BertforgeError("general distillation needs a corpus (a text file, one text per line)")
     p = Path(path)
     if not p.is_file():
         raise BertforgeError(f"corpus {p} not found")
@@ -191,7 +191,7 @@ def task_distillation(cfg: DistillConfig, resume: bool = False, progress: bool =
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if not cfg.task:
-        raise BertforgeError("task distillation needs --task")
+        raise BertforgeError("task distillation needs a task")
     task = get_task(cfg.task)
     out = prepare_output_dir(cfg.out)
     check_fresh_or_resume(out, resume)
