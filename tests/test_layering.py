@@ -12,15 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = {"pipeline.finetune", "pipeline.distill", "pipeline.prune", "pipeline.export", "pipeline.quantize"}
 LAYERS = [
-    {"pipeline.errors", "pipeline.settings"},
+    {"pipeline.errors", "pipeline.settings", "pipeline.providers"},
     {"pipeline.data"},
     {"pipeline.models", "pipeline.modeling_pruned_bert"},
     {"pipeline.training"},
     {"pipeline.losses"},
     {"pipeline.artifacts"},
-    {"pipeline.inference", "pipeline.evaluate", "pipeline.onnx_utils"},
+    {"pipeline.inference", "pipeline.onnx_runtime", "pipeline.evaluate", "pipeline.onnx_utils"},
     STAGES,
-    {"pipeline.run", "pipeline.bench", "pipeline.report", "pipeline.baseline"},
+    {"pipeline.run", "pipeline.bench", "pipeline.report", "pipeline.report_serving", "pipeline.baseline"},
     {"pipeline.cli", "serving"},
 ]
 
