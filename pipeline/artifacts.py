@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_json
 from pipeline.errors import BertforgeError
 
 MANIFEST = "bertforge.json"
@@ -100,9 +101,7 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Manifest:
     manifest.platform = manifest.platform or f"{platform.system()} {platform.machine()} {platform.processor()}".strip()
     if manifest.parent and not manifest.lineage:
         manifest.lineage = lineage_of(manifest.parent)
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(asdict(manifest), indent=2, default=str) + "\n")
-    tmp.replace(folder / MANIFEST)
+    atomic_write_json(folder / MANIFEST, asdict(manifest), default=str)
     return manifest
 
 
