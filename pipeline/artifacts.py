@@ -59,12 +59,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def sha256(path: Path) -> str:
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+sha256 = _sha256  # the public name; `_sha256` where a `sha256=` flag shadows it
 
 
 def file_records(folder: Path) -> list[dict[str, Any]]:
@@ -74,7 +77,7 @@ def file_records(folder: Path) -> list[dict[str, Any]]:
         rel = path.relative_to(folder)
         if not path.is_file() or rel.name == MANIFEST or rel.parts[0] in ("checkpoints", "logs"):
             continue
-        records.append({"path": rel.as_posix(), "bytes": path.stat().st_size, "sha256": sha256(path)})
+        records.append({"path": rel.as_posix(), "bytes": path.stat().st_size, "sha256": _sha256(path)})
     return records
 
 
@@ -116,8 +119,9 @@ def lineage_of(parent: str) -> list[dict[str, Any]]:
     return [*parent_manifest.lineage, entry]
 
 
-def verify_files(folder: str | os.PathLike) -> list[str]:
-    """Files whose size or checksum no longer matches the manifest (empty list: intact)."""
+def damaged_files(folder: str | os.PathLike, sha256: bool = False) -> list[tuple[str, str]]:
+    """(path, what is wrong) for each file whose size (and, with `sha256`, checksum) no longer matches
+    the manifest; empty for an intact folder and for one without a manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -125,17 +129,43 @@ def verify_files(folder: str | os.PathLike) -> list[str]:
     bad = []
     for rec in manifest.files:
         path = folder / rec["path"]
-        if not path.is_file() or path.stat().st_size != rec["bytes"] or sha256(path) != rec["sha256"]:
-            bad.append(rec["path"])
+        if not path.is_file():
+            bad.append((rec["path"], "is missing"))
+        elif path.stat().st_size != rec["bytes"]:
+            bad.append((rec["path"], f"has {path.stat().st_size} bytes, the manifest says {rec['bytes']}"))
+        elif sha256 and _sha256(path) != rec["sha256"]:
+            bad.append((rec["path"], "has another sha256 than the manifest's"))
     return bad
 
 
+def verify_files(folder: str | os.PathLike) -> list[str]:
+    """Files whose size or checksum no longer matches the manifest (empty list: intact)."""
+    return [path for path, _ in damaged_files(folder, sha256=True)]
+
+
+def verify_artifact(folder: str | os.PathLike, sha256: bool = False) -> None:
+    """Refuse a damaged artifact in one line: a file listed in `bertforge.json` missing or of another size
+    (cheap: every load checks it), or with `sha256` of other content. Hub ids and folders without a
+    manifest pass: there is nothing to check them against."""
+    if not Path(folder).is_dir():
+        return
+    bad = damaged_files(folder, sha256)
+    if bad:
+        path, problem = bad[0]
+        more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+        raise BertforgeError(f"artifact {folder} is damaged: {path} {problem}{more}; "
+                             "copy it again or rebuild it")
+
+
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Create `out`; refuse to write into a folder that holds something other than an artifact."""
+    """Create `out`; refuse to write into a folder that holds something other than an artifact. An old
+    manifest goes first: it no longer describes the files about to be rewritten, and loads during the
+    stage would check them against it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BertforgeError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     return out
 
 

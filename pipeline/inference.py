@@ -28,7 +28,7 @@ class TorchClassifier:
             resolved = resolve_model(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 resolved, trust_remote_code=is_bertforge_pruned(resolved)).to(self.device).eval()
-        except (OSError, ValueError, RuntimeError) as e:
+        except Exception as e:  # OSError, ValueError, and safetensors' own error for a torn file
             raise BertforgeError(f"cannot load model weights from {path}: {str(e).splitlines()[0]}") from None
         self.input_names = ["input_ids", "attention_mask", "token_type_ids"]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from pipeline.artifacts import verify_artifact
 from pipeline.data.tasks import TaskSpec
 from pipeline.errors import BertforgeError
 
@@ -29,6 +30,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if Path(name).exists():
         if not (Path(name) / "config.json").is_file():
             raise BertforgeError(f"{name} is not a model folder (no config.json)")
+        verify_artifact(name)  # its files against their sizes in bertforge.json: a torn copy fails here
         return name
     if name in PACKAGED_MINILM:
         return str(packaged_minilm_dir())
@@ -95,7 +97,7 @@ def load_classifier(name_or_path: str | os.PathLike, task: TaskSpec, require_hea
     try:
         return AutoModelForSequenceClassification.from_pretrained(path, config=config,
                                                                   trust_remote_code=is_bertforge_pruned(path))
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # OSError, ValueError, and safetensors' own error for a torn file
         raise BertforgeError(f"cannot load model weights from {name_or_path}: {_first_line(e)}") from None
 
 
@@ -103,7 +105,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     path = resolve_model(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # tokenizers raises a bare Exception for a torn tokenizer.json
         raise BertforgeError(f"cannot load a tokenizer from {name_or_path}: {_first_line(e)}") from None
 
 

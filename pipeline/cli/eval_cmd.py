@@ -12,10 +12,15 @@ def add_parser(sub):
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default=None, help="JSON file for the metrics (default: MODEL/eval-TASK-SPLIT.json)")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 against bertforge.json first")
     p.set_defaults(func=run)
 
 
 def run(args):
+    if args.verify:
+        from pipeline.artifacts import verify_artifact
+
+        verify_artifact(args.model, sha256=True)
     from pipeline.evaluate import evaluate
     from pipeline.inference import dump
 

@@ -27,11 +27,17 @@ def add_parser(sub):
     p.add_argument("--graceful-timeout", type=float, default=DEFAULTS.graceful_timeout_s,
                    help="seconds shutdown waits for requests in flight")
     p.add_argument("--log-level", default=DEFAULTS.log_level, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 against bertforge.json first")
     p.set_defaults(func=run)
 
 
 def run(args):
     from serving.server import serve
+
+    if args.verify:
+        from pipeline.artifacts import verify_artifact
+
+        verify_artifact(args.model, sha256=True)
 
     config = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
