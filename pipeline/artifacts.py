@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -166,6 +167,11 @@ def prepare_output_dir(out: str | os.PathLike, overwrite: bool = True) -> Path:
         raise BertforgeError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    # Export and quantization work in a `tempfile` folder inside `out` (tmp + 8 characters); one that a
+    # killed earlier attempt left behind would otherwise end up among the artifact's files.
+    for stale in out.iterdir():
+        if stale.is_dir() and re.fullmatch(r"tmp[a-z0-9_]{8}", stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     return out
 
 

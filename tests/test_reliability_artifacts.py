@@ -122,3 +122,17 @@ def test_rewriting_an_artifact_folder_drops_its_old_manifest(artifacts, tmp_path
     folder = _copy(artifacts["torch"], tmp_path / "t")
     prepare_output_dir(folder)
     assert not (folder / "bertforge.json").exists()
+
+
+def test_scratch_left_by_a_killed_export_is_not_shipped(artifacts, tmp_path):
+    """Export and quantization work in a tempfile folder inside their output; after a kill it stays, and
+    the re-run's manifest listed its files (the kill benchmark found this)."""
+    import tempfile
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    scratch = Path(tempfile.mkdtemp(dir=out))  # what a kill inside `with TemporaryDirectory(dir=out)` leaves
+    (scratch / "model.onnx").write_bytes(b"half an export")
+    (out / "tokenizer").mkdir()
+    prepare_output_dir(out)
+    assert not scratch.exists() and (out / "tokenizer").is_dir()
