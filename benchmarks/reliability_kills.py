@@ -7,8 +7,8 @@ A tiny random BERT (6 layers, hidden 32, the real uncased vocabulary) is the tea
 (fine-tuning, task distillation, pruning, ONNX export, int8 quantization) except bench and report. Two
 uninterrupted runs come first: files that differ between them are not deterministic, and the script
 says so instead of blaming the kills. Then rounds: a fresh run folder, `bertforge run` started again
-and again and killed after a random delay (uniform between 0 and the uninterrupted run's wall time, counted
-from the moment the attempt starts its first stage, so no kill is wasted on the imports)
+and again and killed after a random delay (uniform between 0 and a fifth of the uninterrupted run's wall time,
+counted from the moment the attempt starts its first stage, so no kill is wasted on the imports)
 until an attempt finishes; its artifacts' checksums are compared with the reference. A kill "survived"
 when its round ended with identical checksums and no attempt failed with an error.
 
@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", type=int, default=96, help="training rows of each stage")
+    p.add_argument("--delay-fraction", type=float, default=0.2,
+                   help="kill delays are uniform(0, this x the uninterrupted wall time): small enough that a "
+                        "round takes several kills before it finishes")
     p.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder)")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/reliability.json")
     args = p.parse_args(argv)
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
         while injected < args.kills:
             out = tmp / f"round{len(rounds)}"
             log(f"round {len(rounds)}")
-            r = killed_round(teacher, out, args.rows, rng, wall, args.kills - injected, log)
+            r = killed_round(teacher, out, args.rows, rng, wall * args.delay_fraction, args.kills - injected, log)
             injected += r["kills"]
             diff = differences(ref, checksums(out))
             r.update(differs=diff, differs_beyond_unstable=sorted(set(diff) - set(unstable)))
@@ -206,8 +209,8 @@ def main(argv=None) -> int:
                     "int8), verified against the files on disk; wall time, dates and dev history are manifest "
                     "fields outside that list",
         "uninterrupted_wall_s": round(wall, 1),
-        "kill_delay": "uniform(0, uninterrupted wall time), counted from the first '[run] STAGE' line of each "
-                      "attempt (after the imports), seeded",
+        "kill_delay": f"uniform(0, {args.delay_fraction} x uninterrupted wall time), counted from the first "
+                      "'[run] STAGE' line of each attempt (after the imports), seeded",
         "seed": args.seed,
         "rows": args.rows,
         "command": "python -m benchmarks.reliability_kills " + shlex.join(argv if argv is not None else sys.argv[1:]),
