@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                       "'[run] STAGE' line of each attempt (after the imports), seeded",
         "seed": args.seed,
         "rows": args.rows,
-        "command": "python -m benchmarks.reliability_kills " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.reliability_kills " + shlex.join(_public_args(argv if argv is not None else sys.argv[1:])),
         "run_command": "bertforge " + shlex.join(run_args(Path("TEACHER"), Path("OUT"), args.rows)).replace(str(ROOT) + "/", ""),
         "git_commit": _git_commit(),
         "note": "2-core machine shared with other jobs: wall times are indicative only",
@@ -224,6 +224,19 @@ def main(argv=None) -> int:
     if not args.no_write:
         write_kills(result)
     return 0 if survived == injected else 1
+
+
+def _public_args(argv: list[str]) -> list[str]:
+    """The command line without --workdir (a machine path, kept out of results)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workdir":
+            skip = True
+        elif not a.startswith("--workdir="):
+            out.append(a)
+    return out
 
 
 def _by_stage(rounds) -> dict[str, int]:
