@@ -78,6 +78,8 @@ def file_records(folder: Path) -> list[dict[str, Any]]:
         rel = path.relative_to(folder)
         if not path.is_file() or rel.name == MANIFEST or rel.parts[0] in ("checkpoints", "logs"):
             continue
+        if rel.parts[0] == ".checkpoints.trash" or rel.name.startswith(f".{MANIFEST}.tmp"):
+            continue  # left by a kill while the checkpoints were deleted or the manifest written
         records.append({"path": rel.as_posix(), "bytes": path.stat().st_size, "sha256": _sha256(path)})
     return records
 

@@ -136,3 +136,12 @@ def test_scratch_left_by_a_killed_export_is_not_shipped(artifacts, tmp_path):
     (out / "tokenizer").mkdir()
     prepare_output_dir(out)
     assert not scratch.exists() and (out / "tokenizer").is_dir()
+
+
+def test_leftovers_of_a_killed_write_are_not_listed_in_the_manifest(tmp_path):
+    folder = make_tiny_bert(tmp_path / "m")
+    (folder / ".bertforge.json.tmp-4242").write_text("{")  # a kill while the manifest was written
+    (folder / ".checkpoints.trash").mkdir()  # a kill while the finished run's checkpoints were deleted
+    (folder / ".checkpoints.trash" / "state.pt").write_bytes(b"x")
+    listed = {f["path"] for f in write_manifest(folder, Manifest(stage="finetune")).files}
+    assert "model.safetensors" in listed and not any(".tmp-" in p or "trash" in p for p in listed)
