@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -144,8 +145,11 @@ class TrainLoop:
                 saved = json.loads((folder / "config.json").read_text())
                 ckpt = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
             except Exception as e:  # a torn zip, bad JSON or a foreign pickle: all mean "damaged"
-                errors.append(f"{folder}: {_first_line(e)}")
-                tqdm.write(f"[{self.desc}] checkpoint {folder} is damaged ({_first_line(e)}), trying an older one")
+                # (torch's weights_only refusal suggests weights_only=False: not advice to pass on)
+                why = ("it holds objects other than tensors and plain values" if isinstance(e, pickle.UnpicklingError)
+                       else _first_line(e))
+                errors.append(f"{folder}: {why}")
+                tqdm.write(f"[{self.desc}] checkpoint {folder} is damaged ({why}), trying an older one")
                 continue
             self._check_settings(folder, saved)
             try:
