@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_json
 from pipeline.errors import BertforgeError
 
 MANIFEST = "bertforge.json"
@@ -58,12 +60,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def sha256(path: Path) -> str:
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+sha256 = _sha256  # the public name; `_sha256` where a `sha256=` flag shadows it
 
 
 def file_records(folder: Path) -> list[dict[str, Any]]:
@@ -73,7 +78,9 @@ def file_records(folder: Path) -> list[dict[str, Any]]:
         rel = path.relative_to(folder)
         if not path.is_file() or rel.name == MANIFEST or rel.parts[0] in ("checkpoints", "logs"):
             continue
-        records.append({"path": rel.as_posix(), "bytes": path.stat().st_size, "sha256": sha256(path)})
+        if rel.parts[0] == ".checkpoints.trash" or rel.name.startswith(f".{MANIFEST}.tmp"):
+            continue  # left by a kill while the checkpoints were deleted or the manifest written
+        records.append({"path": rel.as_posix(), "bytes": path.stat().st_size, "sha256": _sha256(path)})
     return records
 
 
@@ -100,9 +107,7 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Manifest:
     manifest.platform = manifest.platform or f"{platform.system()} {platform.machine()} {platform.processor()}".strip()
     if manifest.parent and not manifest.lineage:
         manifest.lineage = lineage_of(manifest.parent)
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(asdict(manifest), indent=2, default=str) + "\n")
-    tmp.replace(folder / MANIFEST)
+    atomic_write_json(folder / MANIFEST, asdict(manifest), default=str)
     return manifest
 
 
@@ -117,8 +122,9 @@ def lineage_of(parent: str) -> list[dict[str, Any]]:
     return [*parent_manifest.lineage, entry]
 
 
-def verify_files(folder: str | os.PathLike) -> list[str]:
-    """Files whose size or checksum no longer matches the manifest (empty list: intact)."""
+def damaged_files(folder: str | os.PathLike, sha256: bool = False) -> list[tuple[str, str]]:
+    """(path, what is wrong) for each file whose size (and, with `sha256`, checksum) no longer matches
+    the manifest; empty for an intact folder and for one without a manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -126,17 +132,48 @@ def verify_files(folder: str | os.PathLike) -> list[str]:
     bad = []
     for rec in manifest.files:
         path = folder / rec["path"]
-        if not path.is_file() or path.stat().st_size != rec["bytes"] or sha256(path) != rec["sha256"]:
-            bad.append(rec["path"])
+        if not path.is_file():
+            bad.append((rec["path"], "is missing"))
+        elif path.stat().st_size != rec["bytes"]:
+            bad.append((rec["path"], f"has {path.stat().st_size} bytes, the manifest says {rec['bytes']}"))
+        elif sha256 and _sha256(path) != rec["sha256"]:
+            bad.append((rec["path"], "has another sha256 than the manifest's"))
     return bad
 
 
+def verify_files(folder: str | os.PathLike) -> list[str]:
+    """Files whose size or checksum no longer matches the manifest (empty list: intact)."""
+    return [path for path, _ in damaged_files(folder, sha256=True)]
+
+
+def verify_artifact(folder: str | os.PathLike, sha256: bool = False) -> None:
+    """Refuse a damaged artifact in one line: a file listed in `bertforge.json` missing or of another size
+    (cheap: every load checks it), or with `sha256` of other content. Hub ids and folders without a
+    manifest pass: there is nothing to check them against."""
+    if not Path(folder).is_dir():
+        return
+    bad = damaged_files(folder, sha256)
+    if bad:
+        path, problem = bad[0]
+        more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+        raise BertforgeError(f"artifact {folder} is damaged: {path} {problem}{more}; "
+                             "copy it again or rebuild it")
+
+
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool = True) -> Path:
-    """Create `out`; refuse to write into a folder that holds something other than an artifact."""
+    """Create `out`; refuse to write into a folder that holds something other than an artifact. An old
+    manifest goes first: it no longer describes the files about to be rewritten, and loads during the
+    stage would check them against it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BertforgeError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    # Export and quantization work in a `tempfile` folder inside `out` (tmp + 8 characters); one that a
+    # killed earlier attempt left behind would otherwise end up among the artifact's files.
+    for stale in out.iterdir():
+        if stale.is_dir() and re.fullmatch(r"tmp[a-z0-9_]{8}", stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     return out
 
 

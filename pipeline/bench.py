@@ -427,10 +427,9 @@ def benchmark_artifacts(paths: list[str | Path | ArtifactSpec], cfg: BenchConfig
 
 
 def write_bench(result: dict[str, Any], out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return out
+    from pipeline.atomic import atomic_write_json  # never half a file, even if killed mid-write
+
+    return atomic_write_json(out, result, indent=1)
 
 
 def read_bench(path: str | Path) -> dict[str, Any]:

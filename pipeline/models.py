@@ -8,6 +8,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from pipeline.artifacts import verify_artifact
 from pipeline.data.tasks import TaskSpec
 from pipeline.errors import BertforgeError, first_line
 from pipeline.modeling_pruned_bert import PrunedBertForSequenceClassification
@@ -34,6 +35,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if Path(name).exists():
         if not (Path(name) / "config.json").is_file():
             raise BertforgeError(f"{name} is not a model folder (no config.json)")
+        verify_artifact(name)  # its files against their sizes in bertforge.json: a torn copy fails here
         return name
     if name in PACKAGED_MINILM:
         return str(packaged_minilm_dir())
@@ -125,7 +127,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     path = resolve_model(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except LOAD_ERRORS as e:
+    except Exception as e:  # tokenizers raises a bare Exception for a torn tokenizer.json
         raise BertforgeError(f"cannot load a tokenizer from {name_or_path}: {first_line(e)}") from None
 
 

@@ -271,8 +271,9 @@ class Run:
         return folder
 
     def _save_ledger(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ledger_path.write_text(json.dumps(self.ledger, indent=2, default=str) + "\n")
+        from pipeline.atomic import atomic_write_json  # a kill mid-write must not tear the ledger
+
+        atomic_write_json(self.ledger_path, self.ledger, default=str)
 
     # -- the stages ----------------------------------------------------------------------------
     def run(self) -> dict[str, Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from pipeline.atomic import complete_candidates, publish_dir, staging_dir
 from pipeline.errors import BertforgeError
 from pipeline.settings import setting
 
@@ -50,13 +52,26 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain numbers, so `torch.load(weights_only=True)` reads them back."""
+    py_version, py_state, py_gauss = random.getstate()
+    _, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [py_version, list(py_state), py_gauss],
+             "numpy": {"key": torch.from_numpy(np_key.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class TrainLoop:
@@ -98,15 +113,17 @@ class TrainLoop:
         return self.accelerator.device
 
     # -- checkpoints ---------------------------------------------------------------------------
+    # A checkpoint is published with `publish_dir`: written into `last.tmp`, then `last` moves to
+    # `last.prev` and `last.tmp` to `last`, so a kill at any instant leaves one complete copy to resume
+    # from (`last`, or `last.prev` after a kill between the two moves).
     def has_checkpoint(self) -> bool:
-        return (self.ckpt_dir / "last" / "state.pt").is_file()
+        return bool(complete_candidates(self.ckpt_dir / "last")) or (self.ckpt_dir / "last").exists()
 
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        tmp = self.ckpt_dir / "last.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        last = self.ckpt_dir / "last"
+        tmp = staging_dir(last)
         torch.save({
             "modules": self.accelerator.unwrap_model(self.modules).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -115,24 +132,46 @@ class TrainLoop:
             "state": self.state,
         }, tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps({"loop": asdict(self.cfg), "run": self.run_config}, indent=2, default=str))
-        last = self.ckpt_dir / "last"
-        shutil.rmtree(last, ignore_errors=True)
-        tmp.replace(last)
+        publish_dir(tmp, last)
 
     def load_checkpoint(self) -> None:
-        last = self.ckpt_dir / "last"
-        saved = json.loads((last / "config.json").read_text())
+        """Resume from the newest complete checkpoint; a damaged one falls back to the one before it."""
+        candidates = complete_candidates(self.ckpt_dir / "last")
+        if not candidates:
+            raise BertforgeError(f"cannot resume: {self.ckpt_dir / 'last'} is incomplete (cut short while written, "
+                                 f"or made by an older bertforge); delete {self.ckpt_dir} to train from the start")
+        errors = []
+        for folder in candidates:
+            try:
+                saved = json.loads((folder / "config.json").read_text())
+                ckpt = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            except Exception as e:  # a torn zip, bad JSON or a foreign pickle: all mean "damaged"
+                # (torch's weights_only refusal suggests weights_only=False: not advice to pass on)
+                why = ("it holds objects other than tensors and plain values" if isinstance(e, pickle.UnpicklingError)
+                       else _first_line(e))
+                errors.append(f"{folder}: {why}")
+                tqdm.write(f"[{self.desc}] checkpoint {folder} is damaged ({why}), trying an older one")
+                continue
+            self._check_settings(folder, saved)
+            try:
+                self.accelerator.unwrap_model(self.modules).load_state_dict(ckpt["modules"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+                _set_rng_state(ckpt["rng"])
+                # checkpoints written before dev history was kept lack it
+                self.state = {"history": [], **ckpt["state"]}
+                return
+            except Exception as e:
+                errors.append(f"{folder}: {_first_line(e)}")
+        raise BertforgeError(f"cannot resume: the checkpoint is damaged ({errors[0]}); "
+                             f"delete {self.ckpt_dir} to train from the start")
+
+    def _check_settings(self, folder: Path, saved: dict) -> None:
         mine = json.loads(json.dumps({"loop": asdict(self.cfg), "run": self.run_config}, default=str))
         if saved != mine:
             diff = sorted(k for part in ("loop", "run") for k in set(saved[part]) | set(mine[part])
                           if saved[part].get(k) != mine[part].get(k))
-            raise BertforgeError(f"cannot resume from {last}: the run's settings changed ({', '.join(diff)})")
-        ckpt = torch.load(last / "state.pt", map_location="cpu", weights_only=False)
-        self.accelerator.unwrap_model(self.modules).load_state_dict(ckpt["modules"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        self.state = {"history": [], **ckpt["state"]}  # checkpoints written before dev history was kept lack it
+            raise BertforgeError(f"cannot resume from {folder}: the run's settings changed ({', '.join(diff)})")
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> float | None:
@@ -218,8 +257,17 @@ class TrainLoop:
 
     def finish(self) -> None:
         """Remove the resume state once the final artifact is written."""
-        if self.accelerator.is_main_process:
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        if self.accelerator.is_main_process and self.ckpt_dir.exists():
+            # Moved aside first: a kill while deleting must not leave a half checkpoint that looks resumable.
+            trash = self.ckpt_dir.with_name(f".{CHECKPOINT_DIR}.trash")
+            shutil.rmtree(trash, ignore_errors=True)
+            self.ckpt_dir.replace(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _no_decay(name: str) -> bool:

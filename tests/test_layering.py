@@ -1,6 +1,6 @@
 """The layering of the code, read from the imports themselves (ast, nothing is imported).
 
-Bottom to top: errors and settings; data; models; the training loop; losses; artifacts; inference and
+Bottom to top: errors, settings and atomic writes; artifacts (manifests); data; models; the training loop; losses; inference and
 scoring (shared by every stage); the five stages side by side (finetune, distill, prune, export, quantize);
 run, bench, report and the baseline; the CLI and serving. An import only points down or sideways within a
 layer, and no stage imports another stage.
@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = {"pipeline.finetune", "pipeline.distill", "pipeline.prune", "pipeline.export", "pipeline.quantize"}
 LAYERS = [
-    {"pipeline.errors", "pipeline.settings", "pipeline.providers"},
+    {"pipeline.errors", "pipeline.settings", "pipeline.providers", "pipeline.atomic"},
+    {"pipeline.artifacts"},  # manifests and their checks: every loader verifies what it loads
     {"pipeline.data"},
     {"pipeline.models", "pipeline.modeling_pruned_bert"},
     {"pipeline.training"},
     {"pipeline.losses"},
-    {"pipeline.artifacts"},
     {"pipeline.inference", "pipeline.onnx_runtime", "pipeline.evaluate", "pipeline.onnx_utils"},
     STAGES,
     {"pipeline.run", "pipeline.bench", "pipeline.report", "pipeline.report_serving", "pipeline.baseline"},

@@ -9,10 +9,15 @@ def add_parser(sub):
     p = sub.add_parser("eval", help="score an artifact (PyTorch or ONNX) on a GLUE dev split")
     add_config_args(p, EvalConfig)
     p.add_argument("--out", default=None, help="JSON file for the metrics (default: MODEL/eval-TASK-SPLIT.json)")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 against bertforge.json first")
     p.set_defaults(func=run)
 
 
 def run(args):
+    if args.verify:
+        from pipeline.artifacts import verify_artifact
+
+        verify_artifact(args.model, sha256=True)
     from pipeline.evaluate import evaluate
     from pipeline.inference import dump
 

@@ -37,11 +37,17 @@ def add_parser(sub):
                      help="autoscale between --replicas and this many, adding replicas while each holds a full batch")
     ray.add_argument("--ray-address", default=None,
                      help="join a running Ray cluster (e.g. auto, ray://head:10001); default: start a local one")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 against bertforge.json first")
     p.set_defaults(func=run)
 
 
 def run(args):
     from pipeline.errors import BertforgeError
+
+    if args.verify:
+        from pipeline.artifacts import verify_artifact
+
+        verify_artifact(args.model, sha256=True)
 
     config = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
