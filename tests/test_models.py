@@ -76,7 +76,10 @@ def test_pruned_artifact_loads_through_bertforges_class_not_its_copy(tiny_bert, 
         pytest.skip("this tiny model pruned to equal FFN widths: no per-layer class needed")
     reference = load_model(out)
     marker = tmp_path / "marker"
-    (out / "modeling_pruned_bert.py").write_text(EVIL.format(marker=str(marker)))  # the copy, tampered with
+    copy = out / "modeling_pruned_bert.py"
+    evil = EVIL.format(marker=str(marker))
+    # the copy, tampered with, padded to its recorded size so the load-time size check lets it through
+    copy.write_text(evil + "#" * (copy.stat().st_size - len(evil.encode()) - 1) + "\n")
     model = load_model(out)
     assert not marker.exists()
     assert [layer.intermediate.dense.out_features for layer in model.bert.encoder.layer] == config["intermediate_sizes"]
