@@ -75,7 +75,10 @@ class OrtClassifier:
 def _onnx_file(folder: Path) -> str:
     manifest = read_manifest(folder)
     if manifest and manifest.params.get("onnx_file"):
-        return manifest.params["onnx_file"]
+        name = manifest.params["onnx_file"]
+        if Path(name).name != name or not (Path(folder) / name).is_file():
+            raise BertforgeError(f"{folder}: the manifest's onnx_file {name!r} is not a file in that folder")
+        return name
     candidates = sorted(p.name for p in folder.glob("*.onnx"))
     if not candidates:
         raise BertforgeError(f"{folder} holds no .onnx file")
