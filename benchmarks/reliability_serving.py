@@ -293,7 +293,8 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default="runs/reliability", help="logs and inputs of the soak")
     args = p.parse_args(argv)
     common = {"command": "python -m benchmarks.reliability_serving " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "git_commit": _git_commit(), "model": Path(args.model).name, "model_sha256": _artifact_sha(args.model),
+              "git_commit": _git_commit(),
+              "model": Path(args.model).name if Path(args.model).is_absolute() else args.model, "model_sha256": _artifact_sha(args.model),
               "seed": args.seed, "cpus": os.cpu_count(), "note": args.note}
     if args.fuzz_cases:
         from serving.config import ServeConfig
