@@ -43,8 +43,8 @@ class PredictRequest(BaseModel):
 
 
 def _request_model(max_inputs: int, max_chars: int) -> type[BaseModel]:
-    """PredictRequest with this server's limits in its schema: clients and /docs see them, and pydantic
-    stops at them instead of validating (and reporting) every item of a huge list."""
+    """PredictRequest with this server's limits in its schema, so clients, /docs and the fuzzer see them
+    (a longer list is refused by _parse_inputs before pydantic walks it)."""
     text = Annotated[StrictStr, Field(max_length=max_chars)]
     pair = Annotated[list[text], Field(min_length=2, max_length=2)]
     inputs = text | Annotated[list[text], Field(max_length=max_inputs)] | Annotated[list[pair], Field(max_length=max_inputs)]
@@ -89,7 +89,8 @@ def _error(status: int, message: str, error_type: str | None = None, headers: di
 def _describe(errors: list[dict]) -> str:
     """pydantic's errors in one line, without echoing the (possibly huge) input back."""
     e = errors[0]
-    where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("str", "list[str]", "list[list[str]]"))
+    # Union members tag the location ("constrained-str", "list[list[str]]"): only field names and indices stay.
+    where = ".".join(str(p) for p in e.get("loc", ()) if not (isinstance(p, str) and p.rstrip("]").endswith("str")))
     return f"{where}: {e['msg']}" if where else e["msg"]
 
 
