@@ -78,7 +78,9 @@ class ApiError(HTTPException):
 _ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type",
                 422: "validation", 429: "overloaded", 500: "model_error", 503: "unavailable", 504: "timeout"}
-OPEN_PATHS = ("/healthz", "/readyz")  # answered without the API key: liveness and readiness probes
+# Answered without the API key: liveness and readiness probes (orchestrators send no credentials),
+# ours and the Open Inference Protocol's (serving/oip.py, the routes KServe probes).
+OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 
 
 def _error(status: int, message: str, error_type: str | None = None, headers: dict | None = None) -> JSONResponse:
