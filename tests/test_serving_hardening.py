@@ -376,3 +376,10 @@ def test_default_threads_follow_the_quota(tmp_path, monkeypatch):
     assert default_threads(v2) == len(os.sched_getaffinity(0))
     assert ServeConfig(port=0).resolved_threads() >= 1
     assert ServeConfig(port=0, num_threads=3).resolved_threads() == 3
+
+
+def test_new_settings_are_validated():
+    for bad in ({"request_timeout_s": 0}, {"limit_concurrency": 0}, {"timeout_keep_alive_s": -1}, {"max_text_chars": 0}):
+        with pytest.raises(BertforgeError, match="must be positive"):
+            ServeConfig(**bad)
+    assert ServeConfig(limit_concurrency=None).limit_concurrency is None
