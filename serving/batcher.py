@@ -6,10 +6,15 @@ queue into a batch until it holds max_batch_size inputs or the oldest has waited
 load and an idle server adds no delay), then hands the batch to a single worker thread (the model is never run on the event loop, and never twice
 at once: its own intra-op threads already use the cores). Past max_queue admitted inputs a request
 is refused at once instead of joining an unbounded queue.
+
+Failures stay local: when a batch fails, its inputs are run again one by one, so one bad input fails
+only its own request. If the batching task itself ever dies, every input it holds fails with
+BatcherDown at once (never a request that waits forever) and `alive` turns false for /readyz.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +25,14 @@ class QueueFull(Exception):
     """More inputs admitted than max_queue: the client should retry later (429)."""
 
 
+class ModelError(Exception):
+    """The model raised on an input (500): it is logged, the server goes on."""
+
+
+class BatcherDown(Exception):
+    """The batching task has ended (stopped or crashed): nothing will answer (503)."""
+
+
 @dataclass
 class _Item:
     input: Any
@@ -28,6 +41,7 @@ class _Item:
 
 
 _STOP = object()
+log = logging.getLogger("bertforge.serve")
 
 
 class Batcher:
@@ -41,8 +55,19 @@ class Batcher:
         self.model_calls = 0
         self.pending = 0  # inputs admitted and not yet answered
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertforge-model")
+        self.busy_since: float | None = None  # when the batch now on the model started (None: idle)
+        self.failure: BaseException | None = None  # why the batching task died
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self._batch: list[_Item] = []  # the batch being run, failed too if the task dies under it
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def stalled_for(self) -> float:
+        """Seconds the current batch has been running (0 when idle): a stuck model shows here."""
+        return time.perf_counter() - self.busy_since if self.busy_since is not None else 0.0
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -50,10 +75,10 @@ class Batcher:
 
     async def stop(self) -> None:
         """Answer everything already queued, then stop the worker."""
-        if self._task:
+        if self.alive:
             self._queue.put_nowait(_STOP)
-            await self._task
-            self._task = None
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
         self.executor.shutdown(wait=True)
 
     async def run_in_worker(self, fn: Callable, *args):
@@ -61,9 +86,9 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def submit(self, inputs: list) -> list:
-        """Answers for `inputs`, in order. Raises QueueFull, or the first failed input's exception."""
-        if self._task is None:
-            raise RuntimeError("batcher is not running")
+        """Answers for `inputs`, in order. Raises QueueFull, BatcherDown, or the first failed input's exception."""
+        if not self.alive:
+            raise BatcherDown(f"batcher is not running ({self.failure!r})" if self.failure else "batcher is not running")
         n = len(inputs)
         if self.pending + n > self.max_queue:
             raise QueueFull(f"{self.pending} inputs in flight, limit {self.max_queue}")
@@ -93,11 +118,28 @@ class Batcher:
             self.metrics.queue_depth.set(self._queue.qsize())
 
     async def _loop(self) -> None:
+        try:
+            await self._batches()
+        except BaseException as e:  # cancelled, or a bug: nothing may be left waiting on a dead task
+            log.error("batcher died: %r; failing every queued input", e)
+            self.failure = e
+            down = BatcherDown(f"batcher died: {e!r}")
+            for item in self._batch:
+                if not item.future.done():
+                    item.future.set_exception(down)
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is not _STOP and not item.future.done():
+                    item.future.set_exception(down)
+            raise
+
+    async def _batches(self) -> None:
         while True:
             first = await self._queue.get()
             if first is _STOP:
                 return
             batch, stop = [first], False
+            self._batch = batch  # failed with the rest if the task dies while the batch fills
             # The wait counts from when the oldest input arrived: inputs that queued while the model
             # was busy have waited already and go straight in.
             deadline = first.enqueued + self.max_wait
@@ -108,7 +150,7 @@ class Batcher:
                         break
                     try:
                         item = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                         break
                 else:
                     item = self._queue.get_nowait()
@@ -125,16 +167,15 @@ class Batcher:
         batch = [item for item in batch if not item.future.done()]  # a cancelled request needs no answer
         if not batch:
             return
-        start = time.perf_counter()
-        try:
-            answers = await self.run_in_worker(self.run_batch, [item.input for item in batch])
-        except Exception as e:  # the model failed: every input of the batch fails, the server goes on
-            answers = [e] * len(batch)
-        self.model_calls += 1
-        if self.metrics:
-            self.metrics.model_calls.inc()
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.batch_seconds.observe(time.perf_counter() - start)
+        self._batch = batch
+        answers = await self._call([item.input for item in batch])
+        if isinstance(answers, Exception) and len(batch) > 1:
+            # One input may have failed the whole batch: run each alone, so only it fails.
+            answers = [None if item.future.done() else await self._call([item.input]) for item in batch]
+            answers = [a if a is None or isinstance(a, Exception) else a[0] for a in answers]
+        elif isinstance(answers, Exception):
+            answers = [answers]
+        self._batch = []  # (left set if the task dies above: _loop fails them)
         for item, answer in zip(batch, answers):
             if item.future.done():
                 continue
@@ -142,3 +183,19 @@ class Batcher:
                 item.future.set_exception(answer)
             else:
                 item.future.set_result(answer)
+
+    async def _call(self, inputs: list) -> list | Exception:
+        """One model call on the worker thread: its answers, or the exception it raised."""
+        start = self.busy_since = time.perf_counter()
+        try:
+            return await self.run_in_worker(self.run_batch, inputs)
+        except Exception as e:  # the model failed on these inputs; the server goes on
+            log.exception("model call on %d inputs failed", len(inputs))
+            return ModelError(f"{type(e).__name__}: {e}")
+        finally:
+            self.busy_since = None
+            self.model_calls += 1
+            if self.metrics:
+                self.metrics.model_calls.inc()
+                self.metrics.batch_size.observe(len(inputs))
+                self.metrics.batch_seconds.observe(time.perf_counter() - start)

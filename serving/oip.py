@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from importlib import metadata
 
 import numpy as np
@@ -129,7 +130,7 @@ def requested_outputs(request: dict, regression: bool) -> list[str]:
 
 
 def router(served: Served, require_key) -> APIRouter:
-    from serving.app import ApiError, _read_body
+    from serving.app import ApiError
 
     api = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 
@@ -170,8 +171,10 @@ def router(served: Served, require_key) -> APIRouter:
     @api.post("/models/{name}/infer", dependencies=[Depends(require_key)], summary="Inference (JSON tensors)")
     @api.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)], summary="Inference")
     async def infer(name: str, request: Request, version: str | None = None):
+        deadline = time.monotonic() + served.config.request_timeout_s
         check_model(name, version)
-        body = await _read_body(request, served.config.max_body_bytes)
+        binary = request.headers.get("inference-header-content-length")  # Triton's JSON header + binary tensors
+        body = await served.read_body(request, deadline, json_only=binary is None)
         try:
             req, tensors = parse_request(body, request.headers.get("inference-header-content-length"))
             outputs = requested_outputs(req, served.predictor.regression)
@@ -179,7 +182,7 @@ def router(served: Served, require_key) -> APIRouter:
             raise ApiError(400, "bad_request", str(e)) from None
         texts = tensors["text"]
         inputs = list(zip(texts, tensors["text_pair"])) if "text_pair" in tensors else texts
-        answers = await served.classify(inputs, where="text")
+        answers = await served.classify(inputs, "text", deadline)
         logits = np.array([a.logits for a in answers], dtype=np.float32).reshape(len(answers), -1)
         columns = {
             "label": ("BYTES", [len(answers)], [a.get("label") for a in answers]),

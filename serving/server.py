@@ -41,6 +41,11 @@ def build_server(model_dir: str | Path, config: ServeConfig, runtime=None):
         # uvicorn stops accepting, waits up to this long for requests in flight, then runs the
         # app's shutdown, which answers what is still queued.
         timeout_graceful_shutdown=max(1, int(config.graceful_timeout_s)),
+        # Past limit_concurrency open connections (idle keep-alive ones count) uvicorn answers 503 itself;
+        # an idle keep-alive connection is closed after timeout_keep_alive. A slow body is cut off by the
+        # app's request deadline (uvicorn has no body timeout).
+        limit_concurrency=config.limit_concurrency,
+        timeout_keep_alive=config.timeout_keep_alive_s,
         lifespan="on",
     )
     return uvicorn.Server(uv_config)

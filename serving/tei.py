@@ -13,6 +13,7 @@ huggingface_hub 0.36's InferenceClient.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -110,7 +111,7 @@ def scores_of(answer, labels: list[str], how: str) -> list[dict]:
     return [{"label": label, "score": score} for label, score in ranked]
 
 
-async def answer(served: Served, body: bytes) -> JSONResponse:
+async def answer(served: Served, body: bytes, deadline: float | None = None) -> JSONResponse:
     """A TEI or Hugging Face request body to its answer (the caller has read the body within its limit)."""
     from serving.app import ApiError, _describe
 
@@ -123,7 +124,7 @@ async def answer(served: Served, body: bytes) -> JSONResponse:
         inputs, batch = parse_inputs(req.inputs, hf)
     except ValueError as e:
         raise ApiError(422, "validation", str(e)) from None
-    answers = await served.classify(inputs)
+    answers = await served.classify(inputs, "inputs", deadline)
     if req.truncate is False and any(a.truncated for a in answers):
         raise ApiError(413, "payload_too_large",
                        f"input longer than {served.predictor.max_tokens} tokens (truncate: false)")
@@ -153,8 +154,6 @@ def inline_schema(model: type[BaseModel]) -> dict:
 
 
 def router(served: Served, require_key) -> APIRouter:
-    from serving.app import _read_body
-
     api = APIRouter(tags=["TEI / Hugging Face"])
     body_schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(TeiRequest)}}}}
 
@@ -162,6 +161,7 @@ def router(served: Served, require_key) -> APIRouter:
               responses={200: {"model": list[Label] | list[list[Label]]}},
               summary="Classify (Text Embeddings Inference / Hugging Face Inference API format)")
     async def tei_predict(request: Request):
-        return await answer(served, await _read_body(request, served.config.max_body_bytes))
+        deadline = time.monotonic() + served.config.request_timeout_s
+        return await answer(served, await served.read_body(request, deadline), deadline)
 
     return api
