@@ -76,7 +76,9 @@ def read_config(path: str | os.PathLike) -> SimpleNamespace:
     # transformers' rule: num_labels is the size of id2label, 2 when the config names no labels
     num_labels = len(id2label) or int(raw.get("num_labels", 2))
     return SimpleNamespace(num_labels=num_labels, id2label=id2label or None, problem_type=raw.get("problem_type"),
-                           max_position_embeddings=raw.get("max_position_embeddings"), model_type=raw.get("model_type"))
+                           max_position_embeddings=raw.get("max_position_embeddings"), model_type=raw.get("model_type"),
+                           # BERT's default (2 segments) when absent; the server refuses pairs below 2
+                           type_vocab_size=int(raw.get("type_vocab_size", 2)))
 
 
 def label_names(config) -> list[str]:
