@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 import threading
 import time
 from contextlib import contextmanager
@@ -167,6 +168,22 @@ def test_fixed_rate_pairs_from_a_glue_task(server, tmp_path, glue_dir):
     assert summary["inputs_per_request"] == 2 and summary["server"]["mean_batch_size"] >= 1
     first = (tmp_path / "texts.tsv").read_text().splitlines()[1].split("\t")
     assert len(first) == 3 and all(first)  # MRPC: sentence pairs and their gold label
+
+
+@pytest.mark.parametrize("protocol", ["tei", "oip"])
+def test_bertforge_servers_tei_and_v2_routes_answer_like_the_artifact(server, tmp_path, protocol):
+    """bertforge's own TEI and Open Inference Protocol routes under load: every label checked against the
+    artifact's offline answer (found through /info) and the gold label."""
+    out = tmp_path / protocol
+    name = ["--model-name", "onnx"] if protocol == "oip" else []  # the default model name: the folder's
+    artifact = json.loads(urllib.request.urlopen(f"{server}/info").read())["model"]  # for the offline answers
+    code = main(["loadtest", "--host", server, "--protocol", protocol, *name, "--users", "2", "--duration", "3s",
+                 "--batch", "2", "--out", str(out), "--check-labels", "--model", artifact])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failures"] == 0, summary["errors"]
+    assert summary["requests"] > 10 and summary["labels"]["answers"] > 10
+    # fp32 ONNX: batching never changes an answer, so any disagreement is a protocol bug
+    assert summary["labels"]["disagreements"] == 0 and summary["labels"]["ok"] and code == 0, summary["labels"]
 
 
 # -- other protocols, against the endpoints above --------------------------------------------------------------------
