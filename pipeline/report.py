@@ -38,6 +38,9 @@ class ReportConfig:
     # Goals for the final artifact's ratios, e.g. {"size_vs_bert_base_fp32": 25, "score_retained_vs_teacher": 0.97}:
     # each is shown met or missed beside its number. Empty: the report grades nothing.
     targets: dict[str, float] = field(default_factory=dict)
+    # Load-test sweeps (`bertforge loadtest --mode sweep --out RUN`: RUN or RUN/sweep.json, or a serving.json of
+    # step rows) to show as the serving section: requests/s at the SLO, p50/p99, failures, served accuracy.
+    loadtest: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- numbers
@@ -409,7 +412,7 @@ class Table:
     left: int = 1  # the first `left` columns hold text (left-aligned); the rest are numbers
 
 
-def report_tables(rep: dict) -> list[Table]:
+def _report_tables(rep: dict) -> list[Table]:
     """The headline, every grid point, and the artifacts, formatted for reading."""
     ref, device = rep["reference"], rep["device"]
     headline = []
@@ -441,6 +444,27 @@ def report_tables(rep: dict) -> list[Table]:
             f"Cold start measured {cold}: load, then the first call at batch 1; peak RSS Δ is the rise of the process's "
             "resident memory over it.")),
     ]
+
+
+def report_tables(rep: dict) -> list[Table]:
+    tables = _report_tables(rep)
+    if rep.get("serving"):
+        tables.append(serving_table(rep["serving"]))
+    return tables
+
+
+def serving_table(table: dict) -> Table:
+    """The load-test section (pipeline/report_serving.py's table model) for both templates."""
+    def cell(v):
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.4f}" if v <= 1 else f"{v:.1f}"
+        return str(v)
+
+    return Table("Serving under load", table["columns"], [Row([cell(v) for v in row]) for row in table["rows"]], left=2,
+                 notes="Open-loop rate sweep per endpoint (bertforge loadtest --mode sweep); req/s at SLO is the knee: "
+                       "the highest offered rate whose p99 stays within the SLO with no failures.")
 
 
 def decision(rep: dict) -> dict | None:
@@ -509,6 +533,8 @@ PLOT_CAPTIONS = {
     "size": "Model weight files on disk; × smaller against BERT-base fp32.",
     "latency_distribution": "Every measured call, interleaved with the other artifacts.",
     "throughput": "Sequences per second against batch size; dashed: baselines.",
+    "serving_p99": "Load test: p99 latency against the offered request rate (open loop), one line per endpoint; "
+                   "dashed: the SLO; star: the knee (the highest rate within it).",
 }
 
 
@@ -525,6 +551,12 @@ def build_report(bench: dict[str, Any], out_dir: str | Path, cfg: ReportConfig |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(rep, bench)
+    if cfg.loadtest:
+        from pipeline.report_serving import serving_section
+
+        section = serving_section(cfg.loadtest)
+        rep["serving"] = section["table"]
+        plots["serving_p99"] = section["plot_svg"]
     (out / "report.md").write_text(render(rep, plots, "md"))
     (out / "report.html").write_text(render(rep, plots, "html"))
     (out / "report.json").write_text(json.dumps(_finite(rep), indent=1) + "\n")

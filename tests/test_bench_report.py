@@ -158,6 +158,22 @@ def test_report_grades_only_against_the_targets_it_is_given(bench, tmp_path):
         build_report(bench, tmp_path / "bad", ReportConfig(targets={"speed": 2.0}))
 
 
+def test_report_serving_section_from_load_test_sweeps(bench, tmp_path):
+    """`--loadtest`: one row per endpoint, the p99 plot, in both formats; a missing sweep is one clear error."""
+    steps = [{"model": "student", "mode": "fixed-rate", "protocol": "bertforge", "slo_ms": 100, "target_rps": r,
+              "rps": r, "p50_ms": 5 + r / 10, "p99_ms": 20 + r, "failures": 0, "knee": r == 60}
+             for r in (20, 40, 60, 120)]
+    sweep = tmp_path / "serving.json"
+    sweep.write_text(json.dumps(steps))
+    rep = build_report(bench, tmp_path / "r", ReportConfig(final="student", loadtest=[str(sweep)]))
+    assert [row[0] for row in rep["serving"]["rows"]] == ["student"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Serving under load" in md and "| student | bertforge |" in md
+    assert 'id="plot-serving_p99"' in (tmp_path / "r" / "report.html").read_text()
+    with pytest.raises(BertforgeError, match="no sweep.json"):
+        build_report(bench, tmp_path / "bad", ReportConfig(loadtest=[str(tmp_path / "nothing")]))
+
+
 def test_report_defaults_final_to_last_and_finds_teacher_in_lineage(bench, tmp_path):
     without_teacher = {**bench, "artifacts": [a for a in bench["artifacts"] if a["name"] != "teacher"],
                        "results": [r for r in bench["results"] if r["artifact"] != "teacher"]}

@@ -8,6 +8,8 @@ def add_parser(sub):
     p.add_argument("--final", default=None, help="artifact name of the final model (default: the bench's, else the last non-baseline)")
     p.add_argument("--teacher", default=None, help="artifact name or path of the teacher (default: found from stages and lineage)")
     p.add_argument("--device", default=None, help="device of the headline numbers (default: cpu when measured)")
+    p.add_argument("--loadtest", nargs="+", default=[], metavar="RUN",
+                   help="load-test sweeps to add as the serving section (bertforge loadtest --mode sweep --out RUN)")
     p.set_defaults(func=run)
 
 
@@ -19,10 +21,12 @@ def run(args):
 
     bench = read_bench(args.bench)
     command = " ".join(["bertforge report --bench", args.bench, "--out", args.out]
-                       + [f"--{k} {getattr(args, k)}" for k in ("final", "teacher", "device") if getattr(args, k)])
+                       + [f"--{k} {getattr(args, k)}" for k in ("final", "teacher", "device") if getattr(args, k)]
+                       + (["--loadtest", *args.loadtest] if args.loadtest else []))
     if bench.get("command"):
         command = bench["command"] + "\n" + command
-    rep = build_report(bench, args.out, ReportConfig(final=args.final, teacher=args.teacher, device=args.device, command=command))
+    rep = build_report(bench, args.out, ReportConfig(final=args.final, teacher=args.teacher, device=args.device,
+                                                   command=command, loadtest=args.loadtest))
     out = Path(args.out)
     print_json({"report": [str(out / f) for f in ("report.md", "report.html", "report.json")], "final": rep["final"],
                 "teacher": rep["teacher"], "final_score": rep["final_score"], "teacher_score": rep["teacher_score"],
