@@ -81,7 +81,7 @@ def headline() -> str:
     table = _table(["artifact", "format", "dev score", "MB", "× smaller", f"p50 ms (b{ref['latency_batch_size']}, "
                     f"s{ref['seq_len']})", "× faster vs PyTorch fp32", "× faster vs ORT int8"], rows)
     threads = (rep.get("threads") or {}).get("intra_op")
-    command = (rep.get("command") or "not recorded").removeprefix(".venv/bin/")
+    command = (rep.get("command") or "not recorded").splitlines()[0].removeprefix(".venv/bin/")  # the measuring command
     return (f"SST-2 dev, {rep['device']}, {threads} thread(s), every artifact timed side by side in one run by "
             f"`{command}` (`benchmarks/results/report.md`). The BERT-base rows are a random model of its shape, "
             f"for speed and size only.\n\n{table}")
