@@ -1,7 +1,7 @@
 """Recipe: the whole pipeline as one job, into one run folder.
 
     teacher -> [general distillation] -> [augmentation] -> task distillation -> pruning -> ONNX export
-            -> quantization -> BERT-base baseline -> bench -> report
+            -> quantization -> [load test of the served artifact] -> BERT-base baseline -> bench -> report
 
 The run config composes the stages' own config dataclasses (`FinetuneConfig`, `DistillConfig`, ...): a
 section holds exactly the library's fields, and the settings every stage shares (task, glue_dir, seed,
@@ -94,6 +94,22 @@ class BenchSection(BenchConfig):
 
 
 @dataclass
+class LoadtestSection:
+    """A load test of the final artifact, served on loopback: `bertforge serve` and `bertforge loadtest`
+    run as subprocesses (Locust must never share a process with torch), their flags from these fields."""
+    enabled: bool = setting(False, "serve the final artifact on loopback and load-test it; the report shows it")
+    mode: str = setting("sweep", "sweep: capacity at the SLO (open-loop steps); closed: `users` closed-loop users",
+                        choices=("sweep", "closed"))
+    slo_ms: float = setting(100.0, "p99 latency objective whose knee the sweep finds")
+    users: int = setting(8, "closed-loop users (sweep: of its first capacity estimate)")
+    duration: str = setting("15s", "the closed run (sweep: its first estimate)")
+    steps: str = setting("0.1,0.25,0.5,0.75,1,1.25,1.5", "sweep: offered rates as fractions of the estimate")
+    step_duration: str = setting("10s", "sweep: seconds per offered rate")
+    check_labels: bool = setting(True, "check every served label against the dev set and the artifact's offline answer")
+    server_threads: int | None = setting(None, "the server's runtime threads (default: the run's threads)")
+
+
+@dataclass
 class RunConfig:
     out: str = "runs/quickstart"
     task: str = "sst2"
@@ -112,6 +128,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=lambda: _section(ExportConfig))
     quantize: QuantizeConfig = field(default_factory=lambda: _section(QuantizeConfig))
     bench: BenchSection = field(default_factory=lambda: _section(BenchSection, not_shared=("seed",)))
+    loadtest: LoadtestSection = field(default_factory=LoadtestSection)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
@@ -290,9 +307,10 @@ class Run:
         made["onnx"] = self.export(made["pruned"])
         final = final_stage_name(cfg.quantize.mode)
         made[final] = self.quantize(made["onnx"], final)
+        loadtest = self.loadtest(made[final]) if cfg.loadtest.enabled else None
         if cfg.bench.enabled:
             bench = self.bench(made, final)
-            made["report"] = self.report(bench, final)
+            made["report"] = self.report(bench, final, loadtest)
         return made
 
     def teacher(self) -> Path:
@@ -411,18 +429,76 @@ class Run:
         return self.stage("bench", config, [str(p) for p in made.values()], work, done_file="bench.json", wired=(),
                           extra={"baseline": b.baseline, "baseline_model": b.baseline_model, "final": final})
 
-    def report(self, bench: Path, final: str) -> Path:
+    def loadtest(self, final: Path) -> Path:
+        lt = self.cfg.loadtest
+
+        def work(out, resume):
+            out.mkdir(parents=True, exist_ok=True)
+            serve_and_load(final, out, lt, self.cfg.task, self.glue_dir, lt.server_threads or self.cfg.threads)
+
+        return self.stage("loadtest", lt, [str(final)], work, done_file="sweep.json" if lt.mode == "sweep" else
+                          "summary.json", wired=(), extra={"task": self.cfg.task, "glue_dir": self.glue_dir,
+                                                           "threads": lt.server_threads or self.cfg.threads})
+
+    def report(self, bench: Path, final: str, loadtest: Path | None = None) -> Path:
         from pipeline.report import build_report
 
+        sweeps = [str(loadtest / "sweep.json")] if loadtest is not None and self.cfg.loadtest.mode == "sweep" else []
         config = dataclasses.replace(self.cfg.report, final=self.cfg.report.final or final,
-                                     teacher=self.cfg.report.teacher or "teacher")
+                                     teacher=self.cfg.report.teacher or "teacher",
+                                     loadtest=list(self.cfg.report.loadtest) + sweeps)
 
         def work(out, resume):
             data = json.loads((bench / "bench.json").read_text())
             build_report(data, out, dataclasses.replace(config, command=data.get("command")))
 
-        return self.stage("report", config, [str(bench / "bench.json")], work, done_file="report.html",
-                          wired=("command",))
+        return self.stage("report", config, [str(bench / "bench.json"), *config.loadtest], work,
+                          done_file="report.html", wired=("command", "loadtest"))
+
+
+def serve_and_load(model: Path, out: Path, lt: LoadtestSection, task: str, glue_dir: str | None,
+                   threads: int | None) -> None:
+    """`bertforge serve` on a free loopback port, then `bertforge loadtest` against it, each its own process;
+    the server is stopped as SIGTERM stops it (requests in flight answered). A load test whose labels
+    disagree (exit 1) still leaves its figures, which the report shows; any other failure is an error."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = f"http://127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    serve = cli + ["serve", "--model", str(model), "--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(serve + (["--threads", str(threads)] if threads else []), stdout=subprocess.DEVNULL,
+                              stderr=open(out / "server.log", "w"))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                raise BertforgeError(f"loadtest: the server exited ({server.returncode}); see {out / 'server.log'}")
+            try:
+                urllib.request.urlopen(f"{host}/readyz", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BertforgeError("loadtest: the server was not ready within 180 s") from None
+                time.sleep(0.5)
+        args = cli + ["loadtest", "--host", host, "--mode", lt.mode, "--users", str(lt.users), "--spawn-rate",
+                      str(lt.users), "--duration", lt.duration, "--task", task, "--out", str(out), "--name", model.name,
+                      "--slo-ms", str(lt.slo_ms), "--steps", lt.steps, "--step-duration", lt.step_duration]
+        args += (["--glue-dir", glue_dir] if glue_dir else []) + (["--check-labels", "--model", str(model)] if lt.check_labels else [])
+        done = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode not in (0, 1) or not (out / ("sweep.json" if lt.mode == "sweep" else "summary.json")).is_file():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            raise BertforgeError(f"loadtest failed (exit {done.returncode}): {last}")
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Path]:

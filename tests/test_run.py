@@ -113,6 +113,24 @@ def test_fp16_run_names_its_last_folder_fp16(finished_run):
 
 
 @pytest.mark.slow
+def test_loadtest_stage_serves_the_final_artifact_and_the_report_shows_it(finished_run):
+    """`loadtest.enabled`: the final artifact served on loopback and swept; only the load test and the report
+    are new work, and the report gains its serving section."""
+    root, teacher, _ = finished_run
+    run = root / "run"
+    cfg = _tiny_cfg(teacher, run, "loadtest.enabled=true", "loadtest.users=2", "loadtest.duration=3s",
+                    "loadtest.steps=0.5,1", "loadtest.step_duration=2s", "loadtest.server_threads=1")
+    plan = plan_pipeline(cfg)
+    assert {s for s, status in plan.items() if status == "rebuild"} == {"loadtest", "report"}
+    run_pipeline(cfg, progress=False)
+    sweep = json.loads((run / "loadtest" / "sweep.json").read_text())
+    assert [round(s["fraction"], 2) for s in sweep["steps"]] == [0.5, 1.0] and sweep["slo_ms"] == 100
+    assert all(s["failures"] == 0 for s in sweep["steps"])
+    assert "## Serving under load" in (run / "report" / "report.md").read_text()
+    assert plan_pipeline(cfg)["loadtest"] == "up to date"
+
+
+@pytest.mark.slow
 def test_each_change_really_rebuilds_its_stage_and_the_later_ones(finished_run, glue_dir):
     """The plan's promise, built for real: changes piled up from the last stage to the first."""
     root, teacher, _ = finished_run
