@@ -93,7 +93,15 @@ def test_device_path_with_the_carried_teacher_at_tiny_sizes(tmp_path):
     cfg.distill_steps_per_epoch, cfg.batch_sizes, cfg.dev_limit = 6, [2], 8
     args = argparse.Namespace(dry_run=False, teacher=str(carry / "teacher"), glue_dir=None, seed=0, argv=[])
     out = tmp_path / "r.json"
-    result = gpu_bench.Suite(args, cfg, out).run()
+    from accelerate.state import AcceleratorState
+
+    # accelerate's state is one per process: the device machine runs the suite in a fresh one, here earlier
+    # tests made theirs without bf16, so start clean and leave clean for the tests after this one
+    AcceleratorState._reset_state(True)
+    try:
+        result = gpu_bench.Suite(args, cfg, out).run()
+    finally:
+        AcceleratorState._reset_state(True)
     assert json.loads(out.read_text())["complete"]
     assert result["inputs"]["teacher"]["source"] == "teacher" and result["inputs"]["teacher"]["sha256"]
     assert result["steps"]["distill"]["status"] == "ok", result["steps"]["distill"]
