@@ -53,7 +53,7 @@ def make_teacher(out: Path) -> Path:
 
 def run_args(teacher: Path, out: Path, rows: int) -> list[str]:
     return ["run", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--set", f"out={out}",
-            f"teacher.model={teacher}", "teacher.epochs=1", f"teacher.max_train_examples={rows}",
+            f"teacher.model={teacher}", "teacher.loop.epochs=1", f"teacher.max_train_examples={rows}",
             f"distill.max_train_examples={rows}", "distill.intermediate_epochs=1", "distill.prediction_epochs=1",
             f"prune.max_train_examples={rows}", "bench.enabled=false", "threads=1"]
 
