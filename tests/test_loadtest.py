@@ -170,6 +170,7 @@ def test_fixed_rate_pairs_from_a_glue_task(server, tmp_path, glue_dir):
     assert len(first) == 3 and all(first)  # MRPC: sentence pairs and their gold label
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["tei", "oip"])
 def test_bertforge_servers_tei_and_v2_routes_answer_like_the_artifact(server, tmp_path, protocol):
     """bertforge's own TEI and Open Inference Protocol routes under load: every label checked against the
@@ -188,6 +189,7 @@ def test_bertforge_servers_tei_and_v2_routes_answer_like_the_artifact(server, tm
 
 # -- other protocols, against the endpoints above --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tei_answers_checked_against_gold(oracle, tmp_path):
     out = tmp_path / "tei"
     code = main(["loadtest", "--host", oracle, "--protocol", "tei", "--users", "2", "--duration", "3s", "--batch", "2",
@@ -197,6 +199,7 @@ def test_tei_answers_checked_against_gold(oracle, tmp_path):
     assert summary["labels"]["served_accuracy"] == 1.0 and summary["labels"]["ok"]
 
 
+@pytest.mark.slow
 def test_oip_reads_input_names_and_class_names_from_metadata(oracle, tmp_path):
     endpoint = make_endpoint("oip", model_name="oracle", output_name="probs")  # scores: the labels come from metadata
     from serving.loadtest import prepare_check
@@ -210,6 +213,7 @@ def test_oip_reads_input_names_and_class_names_from_metadata(oracle, tmp_path):
     assert summary["path"] == "/v2/models/oracle/infer" and summary["labels"]["served_accuracy"] == 1.0
 
 
+@pytest.mark.slow
 def test_template_endpoint_and_a_wrong_one_caught_by_check_labels(oracle, tmp_path):
     template = tmp_path / "body.json"
     template.write_text(json.dumps({"instances": [{"sentence": "{{text}}"}], "meta": {"client": "bf {{text}}"}}))
@@ -225,6 +229,7 @@ def test_template_endpoint_and_a_wrong_one_caught_by_check_labels(oracle, tmp_pa
     assert wrong["failures"] == 0 and wrong["labels"]["served_accuracy"] == 0.0 and not wrong["labels"]["ok"]
 
 
+@pytest.mark.slow
 def test_malformed_answers_are_failures_of_their_own_kind(oracle, tmp_path):
     template = tmp_path / "body.json"
     template.write_text(json.dumps({"instances": [{"sentence": "{{text}}"}]}))

@@ -114,6 +114,7 @@ def test_bench_cuda_without_gpu_is_an_error():
         resolve_devices("cuda")
 
 
+@pytest.mark.slow
 @no_ort_cuda
 @pytest.mark.parametrize("fmt", ["onnx", "pytorch"])
 def test_serve_device_cuda_without_gpu_exits_2_with_one_line(fmt, tiny_bert, tiny_onnx):

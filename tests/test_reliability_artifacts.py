@@ -68,6 +68,7 @@ def _assert_one_line_error(code, err, *words):
 @pytest.mark.parametrize("kind,name", [("torch", "model.safetensors"), ("torch", "tokenizer.json"),
                                        ("onnx", "model.onnx"), ("onnx", "tokenizer.json"),
                                        ("plain", "model.safetensors"), ("plain", "tokenizer.json")])
+@pytest.mark.slow
 def test_a_truncated_file_is_a_one_line_error_from_the_cli(artifacts, tmp_path, kind, name):
     folder = _copy(artifacts[kind], tmp_path / kind)
     _truncate(folder / name)
@@ -106,6 +107,7 @@ def test_sizes_are_checked_on_every_load_and_checksums_on_request(artifacts, tmp
         load_runtime(folder)
 
 
+@pytest.mark.slow
 def test_verify_flag_on_eval_and_serve(artifacts, tmp_path):
     folder = _copy(artifacts["onnx"], tmp_path / "o")
     _flip_a_byte(folder / "model.onnx")

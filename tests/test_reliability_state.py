@@ -259,6 +259,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ledger", "bench"])
 def test_stages_json_and_bench_json_are_never_seen_half_written(tmp_path, kind):
     """A reader (the next `bertforge run`, the report) polling while a writer rewrites the file again and

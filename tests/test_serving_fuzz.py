@@ -12,6 +12,7 @@ from serving.server import serve_in_thread
 pytest.importorskip("schemathesis")
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_get_5xx_or_hang(tiny_bert, tmp_path):
     from benchmarks.reliability_serving import fuzz_api
 
