@@ -118,6 +118,7 @@ def test_loadtest_stage_serves_the_final_artifact_and_the_report_shows_it(finish
     are new work, and the report gains its serving section."""
     root, teacher, _ = finished_run
     run = root / "run"
+    run_pipeline(_tiny_cfg(teacher, run), progress=False)  # back to the plain run, whatever tests before changed
     cfg = _tiny_cfg(teacher, run, "loadtest.enabled=true", "loadtest.users=2", "loadtest.duration=3s",
                     "loadtest.steps=0.5,1", "loadtest.step_duration=2s", "loadtest.server_threads=1")
     plan = plan_pipeline(cfg)
