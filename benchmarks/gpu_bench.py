@@ -28,7 +28,6 @@ to write what a device machine lacks (the teacher in fp16, the git commit) into 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -42,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.artifacts import sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gpu.json"
@@ -94,14 +95,6 @@ def log(msg: str) -> None:
 def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rel(path: Path | str) -> str:
@@ -168,7 +161,6 @@ def prepare(dest: Path) -> None:
 def fp32_teacher(src: Path, work: Path) -> Path:
     """A float32 copy: the carried teacher is fp16 to fit the transfer limit, and recent transformers
     load a checkpoint in its stored dtype."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     out = work / "teacher"

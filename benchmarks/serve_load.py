@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.artifacts import sha256
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_NOTE = ("2-vCPU machine shared with other helpers' jobs during the run; Locust ran beside the server on the "
@@ -63,14 +65,6 @@ def stop_server(proc: subprocess.Popen) -> None:
 def relative(path) -> str:
     p = Path(path).resolve()
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_checksum(folder: Path) -> str | None:

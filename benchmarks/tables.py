@@ -82,7 +82,8 @@ def headline() -> str:
                     f"s{ref['seq_len']})", "× faster vs PyTorch fp32", "× faster vs ORT int8"], rows)
     threads = (rep.get("threads") or {}).get("intra_op")
     command = (rep.get("command") or "not recorded").splitlines()[0].removeprefix(".venv/bin/")  # the measuring command
-    return (f"SST-2 dev, {rep['device']}, {threads} thread(s), every artifact timed side by side in one run by "
+    when = (rep.get("bench_created") or "an unrecorded date")[:10]
+    return (f"SST-2 dev, {rep['device']}, {threads} thread(s), every artifact timed side by side in one run on {when} by "
             f"`{command}` (`benchmarks/results/report.md`). The BERT-base rows are a random model of its shape, "
             f"for speed and size only.\n\n{table}")
 

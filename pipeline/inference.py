@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline import onnx_runtime
-from pipeline.errors import BertforgeError, first_line  # noqa: F401
+from pipeline.errors import BertforgeError
 # torch-free parts, kept importable from here where other stages import them
 from pipeline.onnx_runtime import is_onnx_artifact, label_names, onnx_file  # noqa: F401
 from pipeline.models import load_config, load_model, load_tokenizer  # noqa: F401

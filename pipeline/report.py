@@ -455,14 +455,9 @@ def report_tables(rep: dict) -> list[Table]:
 
 def serving_table(table: dict) -> Table:
     """The load-test section (pipeline/report_serving.py's table model) for both templates."""
-    def cell(v):
-        if v is None:
-            return "—"
-        if isinstance(v, float):
-            return f"{v:.4f}" if v <= 1 else f"{v:.1f}"
-        return str(v)
+    from pipeline.report_serving import format_cell
 
-    return Table("Serving under load", table["columns"], [Row([cell(v) for v in row]) for row in table["rows"]], left=2,
+    return Table("Serving under load", table["columns"], [Row([format_cell(v) for v in row]) for row in table["rows"]], left=2,
                  notes="Open-loop rate sweep per endpoint (bertforge loadtest --mode sweep); req/s at SLO is the knee: "
                        "the highest offered rate whose p99 stays within the SLO with no failures.")
 

@@ -77,16 +77,18 @@ def serving_table(endpoints: list[dict]) -> dict:
     return {"columns": COLUMNS, "rows": rows}
 
 
-def markdown_table(table: dict) -> str:
-    def cell(v):
-        if v is None:
-            return "—"
-        if isinstance(v, float):
-            return f"{v:.4f}" if v <= 1 else f"{v:.1f}"
-        return str(v)
+def format_cell(v) -> str:
+    """A serving-table value for reading: accuracies (≤ 1) to 4 places, rates and milliseconds to 1."""
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v <= 1 else f"{v:.1f}"
+    return str(v)
 
+
+def markdown_table(table: dict) -> str:
     lines = ["| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"]]
+    lines += ["| " + " | ".join(format_cell(v) for v in row) + " |" for row in table["rows"]]
     return "\n".join(lines)
 
 

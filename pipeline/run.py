@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline.artifacts import MANIFEST, read_manifest
+from pipeline.artifacts import sha256 as _sha256
 from pipeline.bench import BenchConfig
 from pipeline.data import sample_data_dir
 from pipeline.distill.augment import AugmentConfig
@@ -219,14 +220,6 @@ def _input_id(path: str | None):
     if p.is_file():
         return _sha256(p)
     return str(path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Run:
