@@ -46,7 +46,12 @@ def portable_path(path: str | Path, repos: tuple[Path, ...] = ()) -> str:
 
 def portable_text(text: str, repos: tuple[Path, ...] = ()) -> str:
     """`text` (a command line, a note) with every absolute path in it made portable."""
-    return ABSOLUTE.sub(lambda m: portable_path(m.group(0), repos), text)
+    # The checkout and the GLUE folder may sit under any top-level folder (CI clones into /check/...),
+    # so their own prefixes are looked for too, not only the usual roots.
+    known = sorted({str(p) for p in (REPO, *repos, *_glue_dirs())}, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w.:/~$<>-])(?:%s|/(?:%s))(?=/|\b)[^\s\"',;=]*"
+                         % ("|".join(map(re.escape, known)), "|".join(_ROOTS)))
+    return pattern.sub(lambda m: portable_path(m.group(0), repos), text)
 
 
 def portable(obj: Any, repos: tuple[Path, ...] = ()) -> Any:
