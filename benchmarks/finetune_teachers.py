@@ -33,7 +33,7 @@ SCHEDULE = {
     "cola": dict(epochs=3, learning_rate=1e-4, max_grad_norm=0.0),
     "sst2": dict(epochs=1, learning_rate=5e-5, eval_every=700),
     "mrpc": dict(epochs=3, learning_rate=1e-4),
-    "stsb": dict(epochs=3, learning_rate=1e-4),
+    "stsb": dict(epochs=2, learning_rate=1e-4),
     "rte": dict(epochs=3, learning_rate=1e-4),
 }
 
