@@ -128,7 +128,7 @@ class RunConfig:
     prune: PruneSection = field(default_factory=lambda: _section(PruneSection, heads=0.5, ffn=0.5, recover_epochs=1))
     export: ExportConfig = field(default_factory=lambda: _section(ExportConfig))
     quantize: QuantizeConfig = field(default_factory=lambda: _section(QuantizeConfig))
-    bench: BenchSection = field(default_factory=lambda: _section(BenchSection, not_shared=("seed",)))
+    bench: BenchSection = field(default_factory=lambda: _section(BenchSection, not_shared=("seed",), texts="${task}"))
     loadtest: LoadtestSection = field(default_factory=LoadtestSection)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -403,7 +403,7 @@ class Run:
         from pipeline.bench import ArtifactSpec, benchmark_artifacts, write_bench
 
         b = self.cfg.bench
-        config = _library(BenchConfig, b)
+        config = _library(BenchConfig, b, glue_dir=b.glue_dir or self.glue_dir)
         specs = [ArtifactSpec(name, path) for name, path in made.items() if name != "report"]
 
         def work(out, resume):

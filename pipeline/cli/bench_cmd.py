@@ -32,6 +32,9 @@ def command_line(args) -> str:
         parts += ["--threads", str(args.threads)]
     if args.device != "auto":
         parts += ["--device", args.device]
+    if args.texts:
+        parts += ["--texts", args.texts] + (["--texts-limit", str(args.texts_limit)] if args.texts_limit else [])
+        parts += ["--text-batch-sizes", *map(str, args.text_batch_sizes)]
     if args.baseline:
         parts.append("--baseline")
     for flag in ("final", "teacher"):

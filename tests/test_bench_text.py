@@ -1,0 +1,122 @@
+"""Real-text bench on tiny models: SST-2 dev sentences at their own lengths beside the s128 grid, the
+per-shape probe, and the rows' token counts checked against the artifacts' own tokenizers."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_bert
+from pipeline.artifacts import Manifest, write_manifest
+from pipeline.bench import ArtifactSpec, BenchConfig, benchmark_artifacts, read_bench
+from pipeline.bench_text import load_texts, probe_shapes, single_stream
+from pipeline.cli import main
+from pipeline.errors import BertforgeError
+
+FAST = dict(warmup=1, min_iters=3, min_seconds=0.05, slice_seconds=0.02, threads=1, cold_start="inprocess")
+TINY_BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from pipeline.baseline import build_baseline
+
+    root = tmp_path_factory.mktemp("text")
+    teacher = make_tiny_bert(root / "teacher", hidden=48, intermediate=96, layers=3, seed=1)
+    write_manifest(teacher, Manifest(stage="finetune", task="sst2", metrics={"dev": {"accuracy": 0.9, "score": 0.9}}))
+    student = make_tiny_bert(root / "student", seed=2)
+    write_manifest(student, Manifest(stage="distill", task="sst2", parent=str(teacher),
+                                     metrics={"dev": {"accuracy": 0.88, "score": 0.88}}))
+    return {"root": root, "teacher": teacher, "student": student,
+            **build_baseline(root / "baseline", task="sst2", shape=TINY_BASE)}
+
+
+@pytest.fixture(scope="module")
+def bench(models, sst2_dir):
+    specs = [ArtifactSpec("teacher", models["teacher"]), ArtifactSpec("student", models["student"]),
+             ArtifactSpec("bert-base-torch-fp32", models["torch_fp32"]), ArtifactSpec("bert-base-ort-int8", models["ort_int8"])]
+    cfg = BenchConfig(batch_sizes=[1], seq_lens=[128], texts="sst2", texts_limit=48, glue_dir=str(sst2_dir), **FAST)
+    return benchmark_artifacts(specs, cfg, progress=False)
+
+
+def test_real_text_rows_beside_the_grid(bench, models, sst2_dir):
+    from transformers import AutoTokenizer
+
+    assert bench["texts"]["source"] == "sst2 dev" and bench["texts"]["texts"] == 48 and len(bench["texts"]["sha256"]) == 64
+    assert {(r["artifact"], r["seq_len"]) for r in bench["results"]} == {(a, 128) for a in
+                                                                       ("teacher", "student", "bert-base-torch-fp32", "bert-base-ort-int8")}
+    rows = {(r["artifact"], r["batch_size"]): r for r in bench["text_results"]}
+    assert set(rows) == {(a, b) for a in ("teacher", "student", "bert-base-torch-fp32", "bert-base-ort-int8") for b in (1, 8, 32)}
+    # the mean token count is the artifact's own tokenizer's, over the texts it ran, with no padding at batch 1
+    texts = load_texts("sst2", str(sst2_dir), limit=48)
+    tok = AutoTokenizer.from_pretrained(models["student"])
+    lengths = [len(tok(a, truncation=True, max_length=64)["input_ids"]) for a, _ in texts.texts]
+    one = rows[("student", 1)]
+    assert one["mean_tokens"] == pytest.approx(np.mean(lengths), abs=0.01) == one["mean_padded_tokens"]
+    assert one["mean_tokens"] < 64 and one["iters"] == 48 and one["complete"] and one["texts"] == 48
+    assert 0 < one["min_ms"] <= one["p50_ms"] <= one["p90_ms"] <= one["p99_ms"]
+    assert one["throughput_seq_s"] == pytest.approx(1000 / one["mean_ms"], rel=1e-3)
+    # length-sorted batches pad little: each padded to its longest member, never to 128
+    for b in (8, 32):
+        r = rows[("student", b)]
+        assert r["iters"] == -(-48 // b) and r["texts"] == 48 and r["warm"]
+        assert one["mean_tokens"] <= r["mean_padded_tokens"] < max(lengths)
+        assert r["first_pass_throughput_seq_s"] > 0 and r["throughput_seq_s"] > 0
+    assert rows[("bert-base-ort-int8", 1)]["provider"] == "CPUExecutionProvider"
+    cost = one["shape_cost"]
+    assert cost["lengths_probed"] == len(set(lengths)) and cost["per_shape_cost"] in (True, False)
+    assert cost["first_call_p50_ms"] > 0 and cost["repeat_call_p50_ms"] > 0 and "unseen length" in cost["note"]
+
+
+class ShapeCachingRuntime:
+    """A runtime that builds something per input shape on its first call (as graph compilers do): 30 ms at a
+    new shape, 1 ms after."""
+
+    def __init__(self):
+        self.shapes = set()
+
+    def __call__(self, inputs):
+        shape = inputs["input_ids"].shape
+        time.sleep(0.001 if shape in self.shapes else 0.03)
+        self.shapes.add(shape)
+
+
+def test_shape_probe_flags_a_per_shape_cost_and_skips_seen_lengths():
+    class Cfg:
+        seed = 0
+
+    ids = [[101] + [2000] * n + [102] for n in (3, 5, 8, 5, 13, 3)]
+    stream = single_stream(ids, [[0] * len(i) for i in ids], 0)
+    steady = ShapeCachingRuntime()
+    steady.shapes = {x["input_ids"].shape for x in stream.inputs}  # already warm
+    costs = probe_shapes([("caching", ShapeCachingRuntime()), ("steady", steady)], {"caching": stream, "steady": stream},
+                         "cpu", seen={7}, seed=0)
+    assert costs["caching"]["lengths_probed"] == 3  # lengths 5, 10 and 15; 7 was seen by the grid
+    assert costs["caching"]["per_shape_cost"] is True and costs["caching"]["first_vs_repeat"] > 5
+    assert "pays a per-shape cost" in costs["caching"]["note"]
+    assert costs["steady"]["per_shape_cost"] is False and "no per-shape cost" in costs["steady"]["note"]
+
+
+def test_texts_from_a_file_with_pairs_and_bad_input(tmp_path, sst2_dir):
+    f = tmp_path / "traffic.txt"
+    f.write_text("a short one\n\nthe first sentence\tand its pair\n")
+    texts = load_texts(str(f))
+    assert texts.texts == [("a short one", None), ("the first sentence", "and its pair")] and texts.max_length == 128
+    assert load_texts("sst2", str(sst2_dir), limit=5, max_length=16).max_length == 16
+    with pytest.raises(BertforgeError, match="GLUE task .* or an existing file"):
+        load_texts("no-such-task-or-file")
+    with pytest.raises(BertforgeError, match=">= 1"):
+        BenchConfig(text_batch_sizes=[0])
+
+
+def test_cli_bench_texts(models, tmp_path, sst2_dir):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--models", str(models["student"]), "--out", str(out), "--batch-sizes", "1", "--seq-lens", "16",
+                 "--warmup", "1", "--min-iters", "2", "--min-seconds", "0.02", "--threads", "1", "--cold-start", "inprocess",
+                 "--device", "cpu", "--texts", "sst2", "--texts-limit", "10", "--text-batch-sizes", "4",
+                 "--glue-dir", str(sst2_dir)]) == 0
+    data = read_bench(out)
+    assert [(r["batch_size"], r["texts"]) for r in data["text_results"]] == [(1, 10), (4, 10)]
+    assert "--texts sst2 --texts-limit 10" in data["command"]
+    assert main(["bench", "--models", str(models["student"]), "--out", str(tmp_path / "b.json"), "--texts", "nope"]) == 2
