@@ -177,9 +177,10 @@ def artifact_info(spec: ArtifactSpec) -> dict[str, Any]:
         "params": {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "shape_only": bool(params.get("shape_only", False)),
         "baseline": baseline_role(manifest, fmt),
+        "fine_tuned": bool(params.get("fine_tuned", False)),
     })
-    if info["baseline"]:
-        info["score"] = None  # a baseline is for speed and size only, never for accuracy
+    if info["baseline"] and not info["fine_tuned"]:
+        info["score"] = None  # an untrained head: speed and size only, never accuracy
     if info["num_parameters"] is None and fmt == "onnx":
         info["num_parameters"] = _onnx_parameters(spec.path)
     return info

@@ -1,5 +1,6 @@
 """Real-text bench on tiny models: SST-2 dev sentences at their own lengths beside the s128 grid, the
-per-shape probe, and the rows' token counts checked against the artifacts' own tokenizers."""
+per-shape probe, and the rows' token counts checked against the artifacts' own tokenizers; the accurate
+baseline (built from a tiny classifier standing in for a fine-tuned BERT-base) and the report's decision page."""
 from __future__ import annotations
 
 import time
@@ -15,21 +16,22 @@ from pipeline.cli import main
 from pipeline.errors import BertforgeError
 
 FAST = dict(warmup=1, min_iters=3, min_seconds=0.05, slice_seconds=0.02, threads=1, cold_start="inprocess")
-TINY_BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, sst2_dir):
     from pipeline.baseline import build_baseline
 
     root = tmp_path_factory.mktemp("text")
+    # stands in for a fine-tuned BERT-base (textattack/bert-base-uncased-SST-2): a classifier with its head
+    stand_in = make_tiny_bert(root / "fine-tuned-base", hidden=64, intermediate=128, layers=2, seed=3)
     teacher = make_tiny_bert(root / "teacher", hidden=48, intermediate=96, layers=3, seed=1)
     write_manifest(teacher, Manifest(stage="finetune", task="sst2", metrics={"dev": {"accuracy": 0.9, "score": 0.9}}))
     student = make_tiny_bert(root / "student", seed=2)
     write_manifest(student, Manifest(stage="distill", task="sst2", parent=str(teacher),
                                      metrics={"dev": {"accuracy": 0.88, "score": 0.88}}))
-    return {"root": root, "teacher": teacher, "student": student,
-            **build_baseline(root / "baseline", task="sst2", shape=TINY_BASE)}
+    return {"root": root, "teacher": teacher, "student": student, "stand_in": stand_in,
+            **build_baseline(root / "baseline", task="sst2", hub_id=str(stand_in), glue_dir=sst2_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +122,57 @@ def test_cli_bench_texts(models, tmp_path, sst2_dir):
     assert [(r["batch_size"], r["texts"]) for r in data["text_results"]] == [(1, 10), (4, 10)]
     assert "--texts sst2 --texts-limit 10" in data["command"]
     assert main(["bench", "--models", str(models["student"]), "--out", str(tmp_path / "b.json"), "--texts", "nope"]) == 2
+
+
+def test_a_fine_tuned_baseline_is_scored_on_dev(models, sst2_dir, tmp_path):
+    from pipeline.artifacts import read_manifest
+    from pipeline.baseline import build_baseline
+    from pipeline.bench import artifact_info
+    from pipeline.evaluate import evaluate
+
+    expected = evaluate(str(models["stand_in"]), "sst2", sst2_dir, progress=False).metrics["score"]
+    fp32, int8 = read_manifest(models["torch_fp32"]), read_manifest(models["ort_int8"])
+    assert fp32.params["fine_tuned"] and int8.params["fine_tuned"] and not fp32.params["shape_only"]
+    assert fp32.score == pytest.approx(expected) and fp32.metrics["dev"]["accuracy"] == pytest.approx(expected)
+    assert int8.score == pytest.approx(expected, abs=0.05)  # dynamic int8 of the same classifier
+    assert fp32.params["source"] == str(models["stand_in"]) and "accurate baseline" in fp32.params["note"]
+    info = artifact_info(ArtifactSpec("b", models["torch_fp32"]))
+    assert info["baseline"] == "torch_fp32" and info["score"] == pytest.approx(expected)  # kept, unlike an untrained head
+    # a classifier of another task's label count is refused, not silently replaced by a random model
+    three = make_tiny_bert(tmp_path / "three", num_labels=3, task=None)
+    with pytest.raises(BertforgeError, match="label-count mismatch"):
+        build_baseline(tmp_path / "b3", task="sst2", hub_id=str(three), int8=False)
+
+
+def test_report_decision_page_real_text_and_reference_rows(bench, models, tmp_path):
+    from pipeline.report import ReportConfig, build_report, fmt_ms
+
+    rep = build_report(bench, tmp_path, ReportConfig(final="student"))
+    acc = rep["accurate_baseline"]
+    assert acc["name"] == "bert-base-torch-fp32" and acc["score"] is not None
+    rt = rep["real_text"]
+    text = {(r["artifact"], r["batch_size"]): r for r in bench["text_results"]}
+    final = rt["final"]
+    assert final["artifact"] == "student" and final["p99_ms"] == text[("student", 1)]["p99_ms"]
+    assert final["faster_p50_vs_bert_base_ort_int8"] == pytest.approx(
+        text[("bert-base-ort-int8", 1)]["p50_ms"] / text[("student", 1)]["p50_ms"], rel=0.01)
+    assert final["throughput_b32_vs_bert_base_torch_fp32"] == pytest.approx(
+        text[("student", 32)]["throughput_seq_s"] / text[("bert-base-torch-fp32", 32)]["throughput_seq_s"], rel=0.01)
+    assert final["s128_faster_p50_vs_bert_base_torch_fp32"] == rep["ratios"]["latency_b1_vs_bert_base_torch_fp32"]
+    assert [r["task"] for r in rep["published"]] and all(r["task"] == "sst2" for r in rep["published"])
+
+    md = (tmp_path / "report.md").read_text()
+    first = md[:md.index("## Headline")]  # the decision page
+    serve = f"bertforge serve --model {models['student']} --threads 1"
+    assert serve in first and f"**{fmt_ms(final['p99_ms'])} ms** p99 latency at batch 1 on real text (sst2 dev" in first
+    keep = 0.88 / acc["score"]
+    assert f"**{100 * keep:.1f}%** of the accurate baseline's dev score" in first
+    assert "faster than BERT-base ORT int8" in first and "unseen length" in first
+    headline, real, grid = (md.index(h) for h in ("## Headline", "## Real text: sst2 dev at its own lengths", "## Every grid point"))
+    assert headline < real < md.index("## Published reference figures (not measured here)") < grid
+    assert "| BERT-base (teacher) | sst2 | GLUE test | 93.40 | Jiao et al. 2020" in md
+    base_row = next(line for line in md.splitlines() if line.startswith("| bert-base-torch-fp32 (baseline)"))
+    assert f"{100 * acc['score']:.2f}" in base_row  # the accurate baseline's score beside its latency and size
+    page = (tmp_path / "report.html").read_text()
+    assert page.index('id="decision"') < page.index(serve) < page.index("<h2>Headline")
+    assert page.index("<h2>Headline") < page.index("<h2>Real text: sst2 dev") < page.index("<h2>Published reference")
