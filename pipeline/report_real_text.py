@@ -150,9 +150,9 @@ def real_text_tables(rep: dict) -> list:
             f"'per-shape cost' from {1.5}× on — warm every length before serving such a runtime.")))
     refs = rep.get("published") or []
     if refs:
-        tables.append(Table("Published reference figures (not measured here)", ["Model", "Task", "Split", "Score", "Source"],
-                            [Row([r["model"], r["task"], f"GLUE {r['split']}", fmt_score(r["score"]), r["source"]], "baseline")
-                             for r in refs], left=3, notes=(
+        tables.append(Table("Published reference figures (not measured here)", ["Model", "Task", "Split", "Source", "Score"],
+                            [Row([r["model"], r["task"], f"GLUE {r['split']}", r["source"], fmt_score(r["score"])], "baseline")
+                             for r in refs], left=4, notes=(
             "From the papers, for orientation only: other training, other data split (GLUE test scores come from the "
             "GLUE server; this report's scores are dev), never mixed with the measured rows above.")))
     return tables

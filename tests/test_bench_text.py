@@ -170,7 +170,7 @@ def test_report_decision_page_real_text_and_reference_rows(bench, models, tmp_pa
     assert "faster than BERT-base ORT int8" in first and "unseen length" in first
     headline, real, grid = (md.index(h) for h in ("## Headline", "## Real text: sst2 dev at its own lengths", "## Every grid point"))
     assert headline < real < md.index("## Published reference figures (not measured here)") < grid
-    assert "| BERT-base (teacher) | sst2 | GLUE test | 93.40 | Jiao et al. 2020" in md
+    assert "| BERT-base (teacher) | sst2 | GLUE test | Jiao et al. 2020, TinyBERT" in md and "arXiv:1909.10351 | 93.40 |" in md
     base_row = next(line for line in md.splitlines() if line.startswith("| bert-base-torch-fp32 (baseline)"))
     assert f"{100 * acc['score']:.2f}" in base_row  # the accurate baseline's score beside its latency and size
     page = (tmp_path / "report.html").read_text()
