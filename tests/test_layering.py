@@ -16,7 +16,7 @@ LAYERS = [
     {"pipeline.artifacts"},  # manifests and their checks: every loader verifies what it loads
     {"pipeline.data"},
     {"pipeline.models", "pipeline.modeling_pruned_bert"},
-    {"pipeline.training"},
+    {"pipeline.training", "pipeline.tracking"},
     {"pipeline.losses"},
     {"pipeline.inference", "pipeline.onnx_runtime", "pipeline.evaluate", "pipeline.onnx_utils"},
     STAGES,
