@@ -15,6 +15,7 @@ drift from minute to minute while side-by-side ratios hold better.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -91,11 +92,13 @@ def main() -> None:
         cfg = BenchConfig(batch_sizes=[1, 32], seq_lens=[128], warmup=2, min_iters=5, min_seconds=2.0,
                           max_seconds=args.max_seconds, threads=threads, device="cpu", cold_start="inprocess", seed=0,
                           texts="sst2", texts_limit=args.texts_limit, glue_dir=args.glue_dir)
-        start = time.perf_counter()
+        start, load_before = time.perf_counter(), os.getloadavg()
         bench = benchmark_artifacts(specs, cfg)
         bench.update(final="student-int8", teacher="teacher", command=command_line())
         runs.append({
             "threads": threads, "wall_s": round(time.perf_counter() - start, 1), "created": bench["created"],
+            # 1-minute load average of the 2-core machine before and after: how contended the run was
+            "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "texts": bench["texts"],
             "artifacts": {a["name"]: {k: a.get(k) for k in ("format", "precision", "model_bytes", "num_parameters", "score",
                                                            "shape_only", "baseline")} for a in bench["artifacts"]},
