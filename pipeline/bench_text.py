@@ -70,10 +70,12 @@ def load_texts(spec: str, glue_dir: str | None = None, limit: int | None = None,
 
 def encode(tokenizer, texts: TextSet) -> tuple[list[list[int]], list[list[int]]]:
     """Each text's input ids and segment ids, truncated at `max_length`, unpadded (the artifact's own tokenizer)."""
-    a = [t[0] for t in texts.texts]
-    b = [t[1] for t in texts.texts]
-    enc = tokenizer(a, b if any(x is not None for x in b) else None, truncation=True, max_length=texts.max_length)
-    return [list(ids) for ids in enc["input_ids"]], [list(t) for t in enc.get("token_type_ids", [[0] * len(i) for i in enc["input_ids"]])]
+    ids, types = [], []
+    for a, b in texts.texts:  # one at a time: a file may mix single texts and pairs
+        enc = tokenizer(a, b, truncation=True, max_length=texts.max_length)
+        ids.append(list(enc["input_ids"]))
+        types.append(list(enc.get("token_type_ids") or [0] * len(enc["input_ids"])))
+    return ids, types
 
 
 def batch_inputs(ids: list[list[int]], types: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:

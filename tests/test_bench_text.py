@@ -105,6 +105,12 @@ def test_texts_from_a_file_with_pairs_and_bad_input(tmp_path, sst2_dir):
     f.write_text("a short one\n\nthe first sentence\tand its pair\n")
     texts = load_texts(str(f))
     assert texts.texts == [("a short one", None), ("the first sentence", "and its pair")] and texts.max_length == 128
+    from transformers import AutoTokenizer
+
+    from pipeline.bench_text import encode
+
+    ids, types = encode(AutoTokenizer.from_pretrained(make_tiny_bert(tmp_path / "m")), texts)
+    assert [len(i) for i in ids] == [5, 9] and types[0] == [0] * 5 and types[1] == [0] * 5 + [1] * 4  # the pair: segment 1
     assert load_texts("sst2", str(sst2_dir), limit=5, max_length=16).max_length == 16
     with pytest.raises(BertforgeError, match="GLUE task .* or an existing file"):
         load_texts("no-such-task-or-file")
