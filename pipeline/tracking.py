@@ -96,11 +96,13 @@ class Tracker:
         accelerator.init_trackers(self.name, config=_flat(config), init_kwargs=init)
         self._last = time.perf_counter()
 
-    def log_step(self, step: int, parts: dict[str, float], learning_rate: float, examples: int) -> None:
-        """One optimizer step: each loss part, the learning rate, examples per second since the last step."""
+    def log_step(self, step: int, parts: dict[str, float], learning_rate: float, batch: dict, processes: int = 1) -> None:
+        """One optimizer step: each loss part, the learning rate, examples per second since the last step
+        (`batch`: this process's batch; every process trains on one as large)."""
         if self._accelerator is None:
             return
         now = time.perf_counter()
+        examples = len(next(iter(batch.values()))) * processes
         values = {f"train/{k}": float(v) for k, v in parts.items()}
         values["train/learning_rate"] = float(learning_rate)
         values["train/examples_per_s"] = examples / max(now - self._last, 1e-9)

@@ -223,7 +223,7 @@ class TrainLoop:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()}, refresh=False)
                 gs = self.state["global_step"]
-                self.tracker.log_step(gs, parts, self.scheduler.get_last_lr()[0], len(next(iter(batch.values()))) * world)
+                self.tracker.log_step(gs, parts, self.scheduler.get_last_lr()[0], batch, world)
                 if self.cfg.eval_every and gs % self.cfg.eval_every == 0:
                     self._evaluate()
                 if self.cfg.checkpoint_every and gs % self.cfg.checkpoint_every == 0:
