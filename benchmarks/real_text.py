@@ -106,13 +106,13 @@ def main() -> None:
             "text_rows": [slim(r, False) for r in bench["text_results"]],
             "ratios": {name: ratios(bench, name) for name in ("student-int8", "teacher")},
         })
-    write_results(args.out, {
-        "benchmark": "real_text", "command": command_line(), "git_commit": git_commit(), "seed": 0,
-        "machine_note": SHARED_NOTE, "inputs_manifest_sha256": inputs, "hardware": bench["hardware"],
-        "versions": bench["versions"],
-        "ratio_convention": "times better than the baseline: baseline/artifact for latency, artifact/baseline for throughput",
-        "runs": runs,
-    })
+        write_results(args.out, {  # after each thread count: a long run cut short keeps what it measured
+            "benchmark": "real_text", "command": command_line(), "git_commit": git_commit(), "seed": 0,
+            "machine_note": SHARED_NOTE, "inputs_manifest_sha256": inputs, "hardware": bench["hardware"],
+            "versions": bench["versions"],
+            "ratio_convention": "times better than the baseline: baseline/artifact for latency, artifact/baseline for throughput",
+            "runs": runs,
+        })
     write_report(bench, Path(args.report_dir))
     print(f"wrote {args.out} and {args.report_dir}", file=sys.stderr)
 
