@@ -5,7 +5,7 @@ dev sentences at their own lengths, beside the padded s128 grid, at 1 and 2 thre
 
 `--run` is a `bertforge run` folder (make demo's `runs/quickstart`: teacher/, int8/, bert-base-baseline/);
 its folders are only read (run from the folder that holds it, so the report's serve command reads
-`runs/quickstart/int8`). The last thread count's bench also becomes an SST-2 report (`--report-dir`). Each thread count is one `benchmark_artifacts` call: the s128 grid (batch 1 and
+`runs/quickstart/int8`). The last thread count's bench also becomes an SST-2 report (`--report`). Each thread count is one `benchmark_artifacts` call: the s128 grid (batch 1 and
 32) and then the real text (a shape probe, batch 1 over every text, length-sorted batches of 8 and 32), the
 four artifacts taking turns in short slices. Every row records the mean token length of its inputs (128 on
 the grid). The ratios quoted are "times better than the baseline" within one call, never across calls:
@@ -78,8 +78,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--max-seconds", type=float, default=120.0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_text.json"))
-    p.add_argument("--report-dir", default=str(ROOT / "benchmarks" / "results" / "real-text-report"),
-                   help="the report of the last thread count's bench (bertforge report's three files)")
+    p.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "real_text_report"),
+                   help="the report of the last thread count's bench: PREFIX.md, PREFIX.html, PREFIX.json")
     args = p.parse_args()
 
     run = Path(args.run)
@@ -113,11 +113,11 @@ def main() -> None:
             "ratio_convention": "times better than the baseline: baseline/artifact for latency, artifact/baseline for throughput",
             "runs": runs,
         })
-    write_report(bench, Path(args.report_dir))
-    print(f"wrote {args.out} and {args.report_dir}", file=sys.stderr)
+    write_report(bench, Path(args.report))
+    print(f"wrote {args.out} and {args.report}.*", file=sys.stderr)
 
 
-def write_report(bench: dict, out: Path) -> None:
+def write_report(bench: dict, prefix: Path) -> None:
     """The SST-2 report of one bench (decision page, real text, reference rows), no machine paths in it."""
     import tempfile
 
@@ -126,9 +126,9 @@ def write_report(bench: dict, out: Path) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         build_report(portable(bench), tmp, ReportConfig(final="student-int8", teacher="teacher"))
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("report.md", "report.html", "report.json"):
-            (out / name).write_text(portable_text((Path(tmp) / name).read_text()))
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".md", ".html", ".json"):
+            prefix.with_name(prefix.name + suffix).write_text(portable_text((Path(tmp) / f"report{suffix}").read_text()))
 
 
 if __name__ == "__main__":
