@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import MANIFEST, package_versions, read_manifest
+from pipeline.data.glue import GLUE_DIR_HELP
 from pipeline.errors import BertforgeError
 from pipeline.providers import select_providers, torch_device
 from pipeline.settings import setting
@@ -47,10 +48,20 @@ class BenchConfig:
     cold_start: str = setting("subprocess", "measure load + first call in a fresh process (honest peak memory) or in "
                                             "this one", choices=("subprocess", "inprocess"))
     seed: int = setting(0, "seed of the random input ids")
+    # Real text, beside the padded grid: what a user's traffic costs (pipeline/bench_text.py)
+    texts: str | None = setting(None, "also time real text at its own lengths: a GLUE task's dev sentences, or a file "
+                                      "(one text per line, a tab splits a pair)", metavar="TASK|FILE")
+    texts_limit: int | None = setting(None, "real text: the first N texts only (default: all)")
+    text_batch_sizes: list[int] = setting(help="real text: batch sizes of the length-sorted throughput",
+                                          factory=lambda: [8, 32])
+    glue_dir: str | None = setting(None, GLUE_DIR_HELP + "; real text of a task comes from its dev split", env="GLUE_DIR")
+    max_length: int | None = setting(None, "real text: word pieces per text at most (default: the task's, 128 for a file)")
 
     def __post_init__(self):
         if not self.batch_sizes or not self.seq_lens or min(self.batch_sizes) < 1 or min(self.seq_lens) < 2:
             raise BertforgeError("batch sizes must be >= 1 and sequence lengths >= 2")
+        if not self.text_batch_sizes or min(self.text_batch_sizes) < 1 or (self.texts_limit is not None and self.texts_limit < 1):
+            raise BertforgeError("real-text batch sizes and texts_limit must be >= 1")
         if self.device not in ("cpu", "cuda", "auto"):
             raise BertforgeError(f"device must be cpu, cuda or auto, not {self.device!r}")
         if self.cold_start not in ("subprocess", "inprocess"):
@@ -166,9 +177,10 @@ def artifact_info(spec: ArtifactSpec) -> dict[str, Any]:
         "params": {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "shape_only": bool(params.get("shape_only", False)),
         "baseline": baseline_role(manifest, fmt),
+        "fine_tuned": bool(params.get("fine_tuned", False)),
     })
-    if info["baseline"]:
-        info["score"] = None  # a baseline is for speed and size only, never for accuracy
+    if info["baseline"] and not info["fine_tuned"]:
+        info["score"] = None  # an untrained head: speed and size only, never accuracy
     if info["num_parameters"] is None and fmt == "onnx":
         info["num_parameters"] = _onnx_parameters(spec.path)
     return info
@@ -360,7 +372,12 @@ def benchmark_artifacts(paths: list[str | Path | ArtifactSpec], cfg: BenchConfig
 
     artifacts = [artifact_info(s) for s in specs]
     ref_seq = 128 if 128 in cfg.seq_lens else max(cfg.seq_lens)
-    results, skipped = [], []
+    results, skipped, text_results = [], [], []
+    texts = None
+    if cfg.texts:
+        from pipeline.bench_text import load_texts, measure_texts
+
+        texts = load_texts(cfg.texts, cfg.glue_dir, cfg.texts_limit, cfg.max_length)
     for device in devices:
         runtimes = {}
         for spec, info in zip(specs, artifacts):
@@ -408,6 +425,8 @@ def benchmark_artifacts(paths: list[str | Path | ArtifactSpec], cfg: BenchConfig
                     results.append(row)
                 log(f"{device} b{batch} s{seq}: " + ", ".join(
                     f"{r['artifact']} {r['p50_ms']:.2f} ms" for r in results[-len(runners):]) + f" ({time.perf_counter() - t0:.0f} s)")
+        if texts is not None and runtimes:  # same process, same threads, right after the grid
+            text_results += measure_texts(runtimes, texts, device, cfg, set(cfg.seq_lens) | {ref_seq}, log)
         del runtimes
     return {
         "bertforge_bench": 1,
@@ -423,6 +442,7 @@ def benchmark_artifacts(paths: list[str | Path | ArtifactSpec], cfg: BenchConfig
         "artifacts": artifacts,
         "results": results,
         "skipped": skipped,
+        **({"texts": texts.describe(), "text_results": text_results} if texts is not None else {}),
     }
 
 

@@ -112,7 +112,7 @@ def analyse(bench: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
         "throughput_vs_bert_base_ort_int8": _ratio(tp(final), tp(base["ort_int8"])),
         "score_retained_vs_teacher": final_row.get("retained_vs_teacher"),
     }
-    return {
+    rep = {
         "ratios": ratios,
         "ratio_convention": "times better than the baseline: baseline/artifact for latency and size, artifact/baseline for throughput",
         "final": final["name"] if final else None,
@@ -135,6 +135,11 @@ def analyse(bench: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
         "threads": bench.get("threads", {}), "bench_config": bench.get("config", {}),
         "bench_created": bench.get("created"), "command": cfg.command or bench.get("command"),
     }
+    from pipeline.report_real_text import accurate_baseline, published_rows, real_text_section
+
+    rep.update(accurate_baseline=accurate_baseline(arts), published=published_rows((final or {}).get("task")))
+    rep["real_text"] = real_text_section(bench, rep)
+    return rep
 
 
 def _shape_text(a: dict | None) -> str | None:
@@ -494,8 +499,14 @@ def decision(rep: dict) -> dict | None:
     met = [t["met"] for t in targets.values()]
     if met:
         summary = f"{sum(met)} of {len(met)} targets met. " + summary
-    return {"final": rep["final"], "summary": summary, "kpis": kpis,
-            "serve": f"bertforge serve --model {shlex.quote(str(rep['final_path'] or rep['final']))}"}
+    from pipeline.report_real_text import decision_extras
+
+    extras = decision_extras(rep)  # real-text p99 and the accurate baseline, right after the score
+    threads = rep["threads"].get("intra_op")
+    return {"final": rep["final"], "summary": summary, "kpis": kpis[:1] + extras["kpis"] + kpis[1:],
+            "real_text_line": extras["real_text_line"],
+            "serve": f"bertforge serve --model {shlex.quote(str(rep['final_path'] or rep['final']))}"
+                     + (f" --threads {threads}" if threads else "")}
 
 
 def render(rep: dict, plots: dict[str, str], fmt: str) -> str:
@@ -515,8 +526,11 @@ def render(rep: dict, plots: dict[str, str], fmt: str) -> str:
     env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), trim_blocks=True, lstrip_blocks=True,
                              autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default=False),
                              keep_trailing_newline=True)
+    from pipeline.report_real_text import real_text_tables
+
     return env.get_template(f"report.{fmt}.j2").render(
         rep=rep, ref=rep["reference"], hw=hw, decision=decision(rep), tables=report_tables(rep),
+        real_text_tables=real_text_tables(rep),
         plots=[{"id": k, "svg": v, "caption": PLOT_CAPTIONS[k]} for k, v in plots.items()],
         lineage=[{"name": a["name"], "chain": _lineage_chain(a)} for a in rep["artifacts"]],
         hw_items=hw_items, threads=threads, method=method)

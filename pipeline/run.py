@@ -91,7 +91,9 @@ class PruneSection(PruneConfig):
 class BenchSection(BenchConfig):
     enabled: bool = setting(True, "benchmark every artifact and write the report")
     baseline: bool = setting(True, "add BERT-base in PyTorch fp32 and ONNX Runtime int8")
-    baseline_model: str = setting("bert-base-uncased", "hub id of the baseline (else a same-shape random model)")
+    baseline_model: str = setting("bert-base-uncased", "hub id or folder of the baseline: a fine-tuned classifier is "
+                                                       "the accurate baseline (scored on dev); `teacher`: the run's teacher, "
+                                                       "as in the TinyBERT paper; a base model: speed and size only")
 
 
 @dataclass
@@ -128,7 +130,7 @@ class RunConfig:
     prune: PruneSection = field(default_factory=lambda: _section(PruneSection, heads=0.5, ffn=0.5, recover_epochs=1))
     export: ExportConfig = field(default_factory=lambda: _section(ExportConfig))
     quantize: QuantizeConfig = field(default_factory=lambda: _section(QuantizeConfig))
-    bench: BenchSection = field(default_factory=lambda: _section(BenchSection, not_shared=("seed",)))
+    bench: BenchSection = field(default_factory=lambda: _section(BenchSection, not_shared=("seed",), texts="${task}"))
     loadtest: LoadtestSection = field(default_factory=LoadtestSection)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -407,7 +409,7 @@ class Run:
         from pipeline.bench import ArtifactSpec, benchmark_artifacts, write_bench
 
         b = self.cfg.bench
-        config = _library(BenchConfig, b)
+        config = _library(BenchConfig, b, glue_dir=b.glue_dir or self.glue_dir)
         specs = [ArtifactSpec(name, path) for name, path in made.items() if name != "report"]
 
         def work(out, resume):
@@ -416,7 +418,9 @@ class Run:
             if b.baseline:
                 from pipeline.baseline import build_baseline
 
-                built = build_baseline(self.out / "bert-base-baseline", task=self.cfg.task, hub_id=b.baseline_model)
+                hub_id = str(made["teacher"]) if b.baseline_model == "teacher" else b.baseline_model
+                built = build_baseline(self.out / "bert-base-baseline", task=self.cfg.task, hub_id=hub_id,
+                                       glue_dir=config.glue_dir, max_length=config.max_length)
                 all_specs += [ArtifactSpec("bert-base-torch-fp32", built["torch_fp32"]),
                               ArtifactSpec("bert-base-ort-int8", built["ort_int8"])]
             result = benchmark_artifacts(all_specs, config, progress=self.progress)

@@ -26,6 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 from pipeline.atomic import complete_candidates, publish_dir, staging_dir
 from pipeline.errors import BertforgeError
 from pipeline.settings import setting
+from pipeline.tracking import Tracker
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -101,7 +102,9 @@ class TrainLoop:
         self.desc, self.progress = desc, progress
         self.ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
         self.run_config = run_config or {}
-        self.accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision), cpu=not torch.cuda.is_available())
+        self.tracker = Tracker(out_dir, desc)  # --report-to: loss parts, learning rate, examples/s, dev scores
+        self.accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision), cpu=not torch.cuda.is_available(),
+                                       **self.tracker.accelerator_kwargs())
         # Every process must take the same number of steps: each step ends in a collective (the gradient
         # average), so a process with one batch more than the others would wait for them forever.
         self.steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size) // self.accelerator.num_processes
@@ -202,6 +205,7 @@ class TrainLoop:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         bar = tqdm(total=self.state["total_steps"], initial=self.state["global_step"], desc=self.desc,
                    disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True)
+        self.tracker.start(self.accelerator, {"loop": asdict(self.cfg), "run": self.run_config})
         while self.state["epoch"] < self.cfg.epochs:
             epoch = self.state["epoch"]
             self.modules.train()
@@ -219,6 +223,7 @@ class TrainLoop:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()}, refresh=False)
                 gs = self.state["global_step"]
+                self.tracker.log_step(gs, parts, self.scheduler.get_last_lr()[0], batch, world)
                 if self.cfg.eval_every and gs % self.cfg.eval_every == 0:
                     self._evaluate()
                 if self.cfg.checkpoint_every and gs % self.cfg.checkpoint_every == 0:
@@ -229,6 +234,7 @@ class TrainLoop:
                 self._evaluate()
             self.save_checkpoint()
         bar.close()
+        self.tracker.end()
         return self.state["best_score"]
 
     def _train_step(self, batch: dict) -> dict[str, float]:
@@ -258,6 +264,7 @@ class TrainLoop:
         best = self.state["best_score"]
         if score is not None:
             self.state["history"].append({"step": self.state["global_step"], "score": score})
+            self.tracker.log_eval(self.state["global_step"], score)
         if score is not None and (best is None or score > best):
             self.state["best_score"] = score
             if self.save_best_fn:

@@ -16,11 +16,12 @@ LAYERS = [
     {"pipeline.artifacts"},  # manifests and their checks: every loader verifies what it loads
     {"pipeline.data"},
     {"pipeline.models", "pipeline.modeling_pruned_bert"},
-    {"pipeline.training"},
+    {"pipeline.training", "pipeline.tracking"},
     {"pipeline.losses"},
     {"pipeline.inference", "pipeline.onnx_runtime", "pipeline.evaluate", "pipeline.onnx_utils"},
     STAGES,
-    {"pipeline.run", "pipeline.bench", "pipeline.report", "pipeline.report_serving", "pipeline.baseline"},
+    {"pipeline.run", "pipeline.bench", "pipeline.bench_text", "pipeline.report", "pipeline.report_serving",
+     "pipeline.report_real_text", "pipeline.baseline"},
     {"pipeline.cli", "serving"},
 ]
 

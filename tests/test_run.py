@@ -17,7 +17,7 @@ def _tiny_cfg(teacher, out, *extra):
         f"out={out}", f"teacher.model={teacher}", "teacher.loop.epochs=1", "teacher.max_train_examples=96",
         "distill.max_train_examples=96", "distill.intermediate_epochs=1", "distill.prediction_epochs=1",
         "prune.max_train_examples=96", "export.validation_examples=32", "quantize.eval_examples=64",
-        "bench.baseline=false", "bench.min_iters=2", "bench.min_seconds=0.05", "bench.cold_start=inprocess", *extra])
+        "bench.baseline=false", "bench.min_iters=2", "bench.min_seconds=0.05", "bench.cold_start=inprocess", "bench.texts_limit=24", *extra])
 
 
 def _built(run) -> dict:

@@ -15,7 +15,10 @@ def add_parser(sub):
     g.add_argument("--baseline", action="store_true",
                    help="add BERT-base in PyTorch fp32 and ONNX Runtime int8 (bert-base-uncased, else a same-shape random model)")
     g.add_argument("--baseline-dir", default=None, help="where the baseline artifacts are built and reused (default: beside --out)")
-    g.add_argument("--baseline-model", default="bert-base-uncased", help="hub id tried first")
+    g.add_argument("--baseline-model", default="bert-base-uncased", metavar="HUB_ID|DIR",
+                   help="BERT-base to compare with: a fine-tuned classifier (e.g. textattack/bert-base-uncased-SST-2, "
+                        "or a folder) is the accurate baseline, scored on the dev split; a base model gives speed and "
+                        "size only (default: bert-base-uncased)")
     g.add_argument("--baseline-task", default=None, help="label count of the baseline (default: the first model's task, else sst2)")
     g.add_argument("--baseline-shape", nargs="+", default=None, metavar="FIELD=VALUE",
                    help="override BertConfig fields of the shape-only baseline (e.g. a small stand-in for a quick check)")
@@ -32,8 +35,13 @@ def command_line(args) -> str:
         parts += ["--threads", str(args.threads)]
     if args.device != "auto":
         parts += ["--device", args.device]
+    if args.texts:
+        parts += ["--texts", args.texts] + (["--texts-limit", str(args.texts_limit)] if args.texts_limit else [])
+        parts += ["--text-batch-sizes", *map(str, args.text_batch_sizes)]
     if args.baseline:
         parts.append("--baseline")
+        if args.baseline_model != "bert-base-uncased":
+            parts += ["--baseline-model", args.baseline_model]
     for flag in ("final", "teacher"):
         if getattr(args, flag):
             parts += [f"--{flag}", getattr(args, flag)]
@@ -66,7 +74,8 @@ def run(args):
         first = read_manifest(specs[0].path)
         task = args.baseline_task or (first.task if first and first.task else "sst2")
         folder = Path(args.baseline_dir) if args.baseline_dir else Path(args.out).resolve().parent / "bert-base-baseline"
-        built = build_baseline(folder, task=task, hub_id=args.baseline_model, shape=parse_shape(args.baseline_shape))
+        built = build_baseline(folder, task=task, hub_id=args.baseline_model, shape=parse_shape(args.baseline_shape),
+                               glue_dir=args.glue_dir, max_length=args.max_length)
         specs += [ArtifactSpec("bert-base-torch-fp32", built["torch_fp32"]), ArtifactSpec("bert-base-ort-int8", built["ort_int8"])]
     result = benchmark_artifacts(specs, cfg)
     result.update(final=args.final, teacher=args.teacher, command=command_line(args))

@@ -139,3 +139,20 @@ def add_task(p: argparse.ArgumentParser, required: bool = True) -> None:
     from pipeline.data import GLUE_TASKS
 
     p.add_argument("--task", required=required, help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+
+
+def add_tracking(p: argparse.ArgumentParser) -> None:
+    """`--report-to` and `--logging-dir` of the training commands and `bertforge run` (pipeline/tracking.py)."""
+    from pipeline.tracking import TrackingConfig
+
+    add_config_args(p.add_argument_group("experiment tracking"), TrackingConfig)
+
+
+def configure_tracking(args: argparse.Namespace, default_dir: str | os.PathLike | None = None) -> None:
+    """Send this process's training loops where `--report-to` says (checked before any training starts)."""
+    from pipeline.tracking import TrackingConfig, configure
+
+    cfg = config_from_args(TrackingConfig, args)
+    if cfg.logging_dir is None and default_dir is not None:
+        cfg.logging_dir = str(default_dir)
+    configure(cfg)

@@ -2,7 +2,8 @@
 from DistillConfig (method options: `--kd-alpha`, `--theseus-slope`, `--early-exit-thresholds`, ...)."""
 import dataclasses
 
-from pipeline.cli.common import add_config_args, add_resume, config_from_args, parse_value, print_json
+from pipeline.cli.common import (add_config_args, add_resume, add_tracking, config_from_args, configure_tracking, parse_value,
+                                 print_json)
 from pipeline.distill.config import DistillConfig
 from pipeline.errors import BertforgeError
 
@@ -22,6 +23,7 @@ def add_parser(sub):
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the chosen method's section (repeatable), e.g. alpha=0.5 for kd")
     add_resume(p)
+    add_tracking(p)
     p.set_defaults(func=run)
 
 
@@ -48,6 +50,7 @@ def with_method_options(cfg: DistillConfig, items: list[str]) -> DistillConfig:
 def run(args):
     from pipeline.distill import distill
 
+    configure_tracking(args)
     cfg = with_method_options(config_from_args(DistillConfig, args), args.method_option)
     manifest = distill(cfg, resume=args.resume)
     print_json({"out": args.out, "stage": args.stage, "method": args.method, "dev": manifest.metrics.get("dev"),

@@ -1,4 +1,6 @@
-from pipeline.cli.common import print_json
+from pathlib import Path
+
+from pipeline.cli.common import add_tracking, configure_tracking, print_json
 
 
 def add_parser(sub):
@@ -7,6 +9,7 @@ def add_parser(sub):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. --set task=mrpc distill.prediction_epochs=1 out=runs/mrpc")
     p.add_argument("--dry-run", action="store_true", help="only say which stages would be rebuilt and which skipped")
+    add_tracking(p)
     p.set_defaults(func=run)
 
 
@@ -18,6 +21,7 @@ def run(args):
     if args.dry_run:
         print_json(plan_pipeline(cfg))
         return
+    configure_tracking(args, default_dir=Path(cfg.out) / "logs")  # every stage's runs in one tracking folder
     made = run_pipeline(cfg)
     summary = {}
     for name, path in made.items():
