@@ -233,7 +233,16 @@ def _eval_metrics(model, tokenizer, task, dev, max_length, batch_size) -> dict:
                     max_length=max_length, batch_size=batch_size, progress=False).metrics
 
 
-def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Manifest:
+def rank_units(cfg: PruneConfig, model, tokenizer, task, train, max_length: int):
+    """Head and FFN-neuron importance on `cfg.importance_examples` training rows picked by the seed."""
+    gen = torch.Generator().manual_seed(cfg.loop.seed)
+    picked = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.importance_examples].tolist()]
+    data = EncodedDataset(picked, tokenizer, max_length)
+    return unit_importance(model, eval_loader(data, Collator(tokenizer, task.is_regression), cfg.importance_batch_size))
+
+
+def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True, importance=None) -> Manifest:
+    """`importance`: (head_scores, ffn_scores) from `rank_units`, when one ranking serves several levels."""
     start = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -260,11 +269,7 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Mani
         heads_frac = ffn_frac = fractions_for_budget(model, cfg.target_params)
         params["budget_fraction"] = round(heads_frac, 4)
     if heads_frac or ffn_frac:
-        gen = torch.Generator().manual_seed(cfg.loop.seed)
-        picked = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.importance_examples].tolist()]
-        data = EncodedDataset(picked, tokenizer, max_length)
-        head_scores, ffn_scores = unit_importance(model, eval_loader(data, Collator(tokenizer, task.is_regression),
-                                                                       cfg.importance_batch_size))
+        head_scores, ffn_scores = importance or rank_units(cfg, model, tokenizer, task, train, max_length)
         heads_out = select_units(head_scores, heads_frac, cfg.per_layer, "heads")
         ffn_out = select_units(ffn_scores, ffn_frac, cfg.per_layer, "ffn")
         prune_structured(model, heads_out, ffn_out)

@@ -41,6 +41,8 @@ class ReportConfig:
     # Load-test sweeps (`bertforge loadtest --mode sweep --out RUN`: RUN or RUN/sweep.json, or a serving.json of
     # step rows) to show as the serving section: requests/s at the SLO, p50/p99, failures, served accuracy.
     loadtest: list[str] = field(default_factory=list)
+    # A budget search's result (RUN/budget/budget.json) to draw as the Pareto-front section.
+    budget: str | None = None
 
 
 # ---------------------------------------------------------------- numbers

@@ -20,7 +20,7 @@ LAYERS = [
     {"pipeline.losses"},
     {"pipeline.inference", "pipeline.onnx_runtime", "pipeline.evaluate", "pipeline.onnx_utils"},
     STAGES,
-    {"pipeline.run", "pipeline.bench", "pipeline.report", "pipeline.report_serving", "pipeline.baseline"},
+    {"pipeline.run", "pipeline.budget", "pipeline.bench", "pipeline.report", "pipeline.report_serving", "pipeline.baseline"},
     {"pipeline.cli", "serving"},
 ]
 
