@@ -519,7 +519,8 @@ def render(rep: dict, plots: dict[str, str], fmt: str) -> str:
                              keep_trailing_newline=True)
     return env.get_template(f"report.{fmt}.j2").render(
         rep=rep, ref=rep["reference"], hw=hw, decision=decision(rep), tables=report_tables(rep),
-        plots=[{"id": k, "svg": v, "caption": PLOT_CAPTIONS[k]} for k, v in plots.items()],
+        plots=[{"id": k, "svg": v, "caption": PLOT_CAPTIONS[k]} for k, v in plots.items() if k in PLOT_CAPTIONS],
+        budget_plot=plots.get("budget_pareto"),
         lineage=[{"name": a["name"], "chain": _lineage_chain(a)} for a in rep["artifacts"]],
         hw_items=hw_items, threads=threads, method=method)
 
@@ -554,6 +555,11 @@ def build_report(bench: dict[str, Any], out_dir: str | Path, cfg: ReportConfig |
         section = serving_section(cfg.loadtest)
         rep["serving"] = section["table"]
         plots["serving_p99"] = section["plot_svg"]
+    if cfg.budget:  # its own section (templates/report_budget.*.j2), not the plot grid
+        from pipeline.report_budget import budget_section, plot_pareto
+
+        rep["budget"] = budget_section(cfg.budget)
+        plots["budget_pareto"] = plot_pareto(cfg.budget, _style())
     (out / "report.md").write_text(render(rep, plots, "md"))
     (out / "report.html").write_text(render(rep, plots, "html"))
     (out / "report.json").write_text(json.dumps(_finite(rep), indent=1) + "\n")

@@ -189,6 +189,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     except Exception as e:  # omegaconf's validation errors: unknown key, wrong type
         raise BertforgeError(f"bad run config: {str(e).splitlines()[0]}") from None
     _check_wired(cfg)
+    cfg.budget.check()
     return cfg
 
 
@@ -295,14 +296,14 @@ class Run:
         if not self.dry_run:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if cfg.budget.max_drop is not None and (cfg.general.enabled or cfg.augment.enabled or cfg.distill.distilled):
+            raise BertforgeError("the budget search distils its own students: turn off general, augment and "
+                                 "distill.distilled")
         made: dict[str, Path] = {}
         made["teacher"] = self.teacher()
         general = self.general_distillation() if cfg.general.enabled else None
         train_file = self.augment() if cfg.augment.enabled else None
         if cfg.budget.max_drop is not None:
-            if general is not None or train_file is not None or cfg.distill.distilled:
-                raise BertforgeError("the budget search distils its own students: turn off general, augment and "
-                                     "distill.distilled")
             final = "chosen"
             made[final] = self.budget(made["teacher"])
         else:

@@ -20,7 +20,8 @@ LAYERS = [
     {"pipeline.losses"},
     {"pipeline.inference", "pipeline.onnx_runtime", "pipeline.evaluate", "pipeline.onnx_utils"},
     STAGES,
-    {"pipeline.run", "pipeline.budget", "pipeline.bench", "pipeline.report", "pipeline.report_serving", "pipeline.baseline"},
+    {"pipeline.run", "pipeline.budget", "pipeline.bench", "pipeline.report", "pipeline.report_serving",
+     "pipeline.report_budget", "pipeline.baseline"},
     {"pipeline.cli", "serving"},
 ]
 
