@@ -53,7 +53,8 @@ class BudgetConfig:
                              choices=("latency", "size"))
     max_latency_ms: float | None = setting(None, "optional ceiling on batch-1 latency (ms)")
     max_size_mb: float | None = setting(None, "optional ceiling on the model file size (MB)")
-    depths: list[int] = setting(help="student depths: layers copied from the teacher, each distilled",
+    depths: list[int] = setting(help="student depths: layers copied from the teacher, each distilled (the teacher's "
+                                     "own depth: the teacher itself, not distilled)",
                                 factory=lambda: [2, 3, 4])
     heads: list[float] = setting(help="fractions of attention heads to prune (0: none)", factory=lambda: [0.0, 0.5])
     ffn: list[float] = setting(help="fractions of FFN neurons to prune (0: none)", factory=lambda: [0.0, 0.5])
@@ -117,7 +118,10 @@ class Step:
 def _build_student(s: "Search", parent: Path, depth: int, out: Path) -> Path:
     from pipeline.distill import distill
     from pipeline.distill.config import StudentSpec
+    from pipeline.models import load_config
 
+    if depth >= load_config(s.inputs.teacher).num_hidden_layers:
+        return s.inputs.teacher  # as deep as the teacher: the teacher itself, compressed by the later steps
     cfg = dataclasses.replace(s.inputs.distill, out=str(out), teacher=str(s.inputs.teacher), stage="task",
                               glue_dir=str(s.data_dir), task=s.inputs.task, train_file=None,
                               student=StudentSpec(init_from_teacher=str(depth)))
