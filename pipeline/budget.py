@@ -58,6 +58,7 @@ class BudgetConfig:
                                 factory=lambda: [2, 3, 4])
     heads: list[float] = setting(help="fractions of attention heads to prune (0: none)", factory=lambda: [0.0, 0.5])
     ffn: list[float] = setting(help="fractions of FFN neurons to prune (0: none)", factory=lambda: [0.0, 0.5])
+    prune_grid: bool = setting(True, "every heads x ffn pair; false: pair them in order (heads[i], ffn[i])")
     vocab: list[str] = setting(help="full | trimmed (word pieces seen in the training data)", factory=lambda: ["full"])
     graphs: list[str] = setting(help="fused (onnxruntime BERT fusions) | plain", factory=lambda: list(GRAPH_OPTIONS))
     quantize: list[str] = setting(help=f"{' | '.join(QUANT_OPTIONS)} (fallback: dynamic int8 with the most "
@@ -79,6 +80,8 @@ class BudgetConfig:
                 raise BertforgeError(f"budget.{name}: choose from {', '.join(allowed)} (got {bad or 'nothing'})")
         if not self.depths or min(self.depths) < 1:
             raise BertforgeError("budget.depths: one or more layer counts >= 1")
+        if not self.prune_grid and len(self.heads) != len(self.ffn):
+            raise BertforgeError("budget.prune_grid false pairs heads[i] with ffn[i]: give lists of one length")
         for name in ("heads", "ffn"):
             if not getattr(self, name) or not all(0 <= f < 1 for f in getattr(self, name)):
                 raise BertforgeError(f"budget.{name}: fractions in [0, 1)")
@@ -183,7 +186,8 @@ def _ratio_label(r: tuple[float, float]) -> str:
 
 STEPS: list[Step] = [
     Step("depth", lambda c: list(c.depths), lambda d: f"L{d}", _build_student),
-    Step("prune", lambda c: [(h, f) for h in c.heads for f in c.ffn], _ratio_label, _build_pruned),
+    Step("prune", lambda c: [(h, f) for h in c.heads for f in c.ffn] if c.prune_grid else list(zip(c.heads, c.ffn)),
+         _ratio_label, _build_pruned),
     Step("vocab", lambda c: list(c.vocab), lambda v: f"v-{v}", _build_vocab),
     Step("graph", lambda c: list(c.graphs), str, _build_graph, torch_output=False),
     # static QDQ needs the plain graph; ORT fuses its QDQ pairs itself
