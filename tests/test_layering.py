@@ -17,7 +17,7 @@ LAYERS = [
     {"pipeline.data"},
     {"pipeline.models", "pipeline.modeling_pruned_bert"},
     {"pipeline.training"},
-    {"pipeline.losses"},
+    {"pipeline.losses", "pipeline.capture"},
     {"pipeline.inference", "pipeline.onnx_runtime", "pipeline.evaluate", "pipeline.onnx_utils"},
     STAGES,
     {"pipeline.run", "pipeline.bench", "pipeline.report", "pipeline.report_serving", "pipeline.baseline"},
