@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = {"pipeline.finetune", "pipeline.distill", "pipeline.prune", "pipeline.export", "pipeline.quantize"}
+STAGES = {"pipeline.finetune", "pipeline.distill", "pipeline.prune", "pipeline.export", "pipeline.quantize",
+          "pipeline.vocab"}
 LAYERS = [
     {"pipeline.errors", "pipeline.settings", "pipeline.providers", "pipeline.atomic"},
     {"pipeline.artifacts"},  # manifests and their checks: every loader verifies what it loads
