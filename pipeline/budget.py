@@ -59,7 +59,9 @@ class BudgetConfig:
     heads: list[float] = setting(help="fractions of attention heads to prune (0: none)", factory=lambda: [0.0, 0.5])
     ffn: list[float] = setting(help="fractions of FFN neurons to prune (0: none)", factory=lambda: [0.0, 0.5])
     prune_grid: bool = setting(True, "every heads x ffn pair; false: pair them in order (heads[i], ffn[i])")
-    vocab: list[str] = setting(help="full | trimmed (word pieces seen in the training data)", factory=lambda: ["full"])
+    vocab: list[str] = setting(help="full | trimmed (the word pieces of the training rows, pipeline/vocab.py)",
+                               factory=lambda: ["full", "trimmed"])
+    vocab_reserve: int = setting(1000, "trimmed: pieces kept beyond those the training rows use")
     graphs: list[str] = setting(help="fused (onnxruntime BERT fusions) | plain", factory=lambda: list(GRAPH_OPTIONS))
     quantize: list[str] = setting(help=f"{' | '.join(QUANT_OPTIONS)} (fallback: dynamic int8 with the most "
                                        "sensitive nodes kept float)",
@@ -145,15 +147,14 @@ def _build_pruned(s: "Search", parent: Path, ratios: tuple[float, float], out: P
 
 
 def _build_vocab(s: "Search", parent: Path, option: str, out: Path) -> Path:
+    from pipeline.data import load_glue
+    from pipeline.vocab import trim_vocab
+
     if option == "full":
         return parent
-    # HOOK: vocabulary trimming is pipeline/vocab.py (issue 13, branch h13prune); wired here once it exists.
-    try:
-        from pipeline.vocab import trim_vocab
-    except ImportError:
-        raise BertforgeError("budget.vocab trimmed needs pipeline/vocab.py (vocabulary trimming), not in this "
-                             "checkout") from None
-    trim_vocab(parent, out, task=s.inputs.task, glue_dir=str(s.data_dir))
+    # the pieces of the rows the students trained on; [UNK] losses are reported on the validation rows
+    trim_vocab(parent, out, load_glue(s.task.name, "train", s.data_dir), reserve=s.cfg.vocab_reserve,
+               dev=s.validation, task=s.task.name)
     return out
 
 
@@ -307,7 +308,7 @@ class Search:
 
         return {"depth": lambda: plain(self.inputs.distill, "num_threads", "eval_batch_size"),
                 "prune": lambda: plain(self.inputs.prune, "num_threads", "eval_batch_size"),
-                "vocab": lambda: {},
+                "vocab": lambda: {"reserve": self.cfg.vocab_reserve},
                 "graph": lambda: plain(self.inputs.export),
                 "quantize": lambda: {**plain(self.inputs.quantize), "fallback_tolerance": self.cfg.fallback_tolerance},
                 }[step.name]()
@@ -484,6 +485,13 @@ def run_search(cfg: BudgetConfig, inputs: SearchInputs, progress: bool = True) -
     result["dev"] = {"chosen": dev["chosen"], "teacher": dev["teacher"],
                      "dev_drop_points": round(_points(dev["teacher"]["score"]) - _points(dev["chosen"]["score"]), 3),
                      "note": "scored once, after the choice; the choice used the validation split only"}
+    if row["settings"].get("vocab") == "trimmed":  # how much of dev the trimmed tokenizer spells as [UNK]
+        from pipeline.data import dev_split, load_glue
+        from pipeline.models import load_tokenizer
+        from pipeline.vocab import lost_to_unk
+
+        result["dev"]["unk"] = lost_to_unk(load_tokenizer(inputs.teacher), load_tokenizer(row["folder"]),
+                                           load_glue(search.task.name, dev_split(search.task), inputs.glue_dir))
     chosen = _publish_chosen(Path(row["folder"]), out / "chosen", row, result)
     result["chosen_folder"] = str(chosen)
     _write(out / "budget.json", result)

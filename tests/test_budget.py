@@ -36,7 +36,7 @@ def _inputs(out, teacher, glue_dir, **kw) -> SearchInputs:
 
 
 def _small(**kw) -> BudgetConfig:
-    return BudgetConfig(**{"max_drop": 100.0, "depths": [1], "heads": [0.0], "ffn": [0.0], "graphs": ["fused"],
+    return BudgetConfig(**{"max_drop": 100.0, "depths": [1], "heads": [0.0], "ffn": [0.0], "vocab": ["full"], "graphs": ["fused"],
                            "quantize": ["fp32", "dynamic"], "validation_examples": 48, "max_train_examples": 96,
                            "latency_seconds": 0.2, **kw})
 
@@ -144,13 +144,17 @@ def test_selection_never_reads_the_dev_split(tmp_path, sst2_dir):
     shutil.copy(sst2_dir / "SST-2" / "train.tsv", glue / "train.tsv")
     (glue / "dev.tsv").write_text("sentence\tlabel\nthe dev split must not be read\tNOT-A-LABEL\n")
     teacher = make_tiny_bert(tmp_path / "teacher", layers=2)
-    search = Search(_small(), _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
+    cfg = _small(vocab=["full", "trimmed"], quantize=["dynamic"])  # trimming reads training rows only, too
+    search = Search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
     result = search.run()
-    assert result["chosen"] is not None
+    assert result["chosen"] is not None and len(result["candidates"]) == 2
+    trimmed = next(r for r in result["candidates"] if r["settings"]["vocab"] == "trimmed")
+    full = next(r for r in result["candidates"] if r["settings"]["vocab"] == "full")
+    assert trimmed["size_bytes"] < full["size_bytes"] / 2  # the embeddings are most of a tiny model
     train = load_glue("sst2", "train", tmp_path / "glue")
     assert search.validation == carve_validation(train, 48, 42)[1]  # the rows scored: carved from train by the seed
     with pytest.raises(BertforgeError, match="NOT-A-LABEL"):  # the reported score reads dev, once, afterwards
-        run_search(_small(), _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
+        run_search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
 
 
 def test_bad_budget_is_one_clear_error(tmp_path):
