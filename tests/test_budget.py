@@ -8,6 +8,7 @@ import pytest
 
 from conftest import make_tiny_bert
 from pipeline import budget as budget_mod
+from pipeline.cli import main
 from pipeline.budget import BudgetConfig, Search, SearchInputs, run_search
 from pipeline.data import load_glue
 from pipeline.data.split import carve_validation
@@ -157,7 +158,9 @@ def test_selection_never_reads_the_dev_split(tmp_path, sst2_dir):
         run_search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
 
 
-def test_bad_budget_is_one_clear_error(tmp_path):
+def test_bad_budget_is_one_clear_error(tmp_path, capsys):
+    assert main(["run", "--max-drop", "-1", "--dry-run"]) == 2  # the CLI flag lands in the budget section
+    assert "max_drop must be >= 0" in capsys.readouterr().err
     with pytest.raises(BertforgeError, match="budget.quantize"):
         load_run_config(None, ["budget.max_drop=1", "budget.quantize=[int4]"])
     with pytest.raises(BertforgeError, match="max_drop"):
