@@ -281,18 +281,21 @@ class Search:
         from pipeline.models import load_model, load_tokenizer
         from pipeline.prune import rank_units
 
-        path = self.nodes_dir / f"{student.name}.importance.pt"
-        if str(student) not in self._importance:
+        # named for the student's content and the scoring settings: a rebuilt student is never cut by a stale ranking
+        tag = _key(_input_id(student), cfg.importance_examples, cfg.importance_batch_size, cfg.loop.seed, self.max_length)
+        path = self.nodes_dir / f"{student.name}.{tag}.importance.pt"
+        if str(path) not in self._importance:
             if path.is_file():
                 saved = torch.load(path, weights_only=True)
-                self._importance[str(student)] = (saved["heads"], saved["ffn"])
+                self._importance[str(path)] = (saved["heads"], saved["ffn"])
             else:
                 train = load_glue(self.task.name, "train", self.data_dir)
                 heads, ffn = rank_units(cfg, load_model(student), load_tokenizer(student), self.task, train,
                                         self.max_length)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"heads": heads, "ffn": ffn}, path)
-                self._importance[str(student)] = (heads, ffn)
-        return self._importance[str(student)]
+                self._importance[str(path)] = (heads, ffn)
+        return self._importance[str(path)]
 
     # -- building -------------------------------------------------------------------------------
     def teacher_points(self) -> float:
