@@ -68,6 +68,8 @@ class BudgetConfig:
                                   factory=lambda: ["fp32", "dynamic", "static", "static-per-channel", "fallback"])
     fallback_tolerance: float = setting(0.005, "fallback: allowed relative score drop of the int8 graph")
     validation_examples: int = setting(1000, "training rows carved (by the seed) as the selection split")
+    validation_min_words: int = setting(0, "carve only training rows of at least this many words (SST-2's train "
+                                           "is mostly short phrases, its dev whole sentences: 10 makes them alike)")
     max_train_examples: int | None = setting(None, "training rows left for the students and pruning (default: all)")
     slack: float = setting(1.0, "a PyTorch node missing the budget by more points than this is not compressed further")
     latency_seq_len: int = setting(128, "sequence length of the batch-1 latency")
@@ -147,14 +149,14 @@ def _build_pruned(s: "Search", parent: Path, ratios: tuple[float, float], out: P
 
 
 def _build_vocab(s: "Search", parent: Path, option: str, out: Path) -> Path:
-    from pipeline.data import load_glue
     from pipeline.vocab import trim_vocab
 
     if option == "full":
         return parent
-    # the pieces of the rows the students trained on; [UNK] losses are reported on the validation rows
-    trim_vocab(parent, out, load_glue(s.task.name, "train", s.data_dir), reserve=s.cfg.vocab_reserve,
-               dev=s.validation, task=s.task.name)
+    # the pieces of every training row outside the validation split (not only the rows the students train
+    # on: trimming costs no training); [UNK] losses are reported on the validation rows
+    trim_vocab(parent, out, s.rows_outside_validation(), reserve=s.cfg.vocab_reserve, dev=s.validation,
+               task=s.task.name)
     return out
 
 
@@ -242,11 +244,12 @@ class Search:
 
         wanted = {"task": self.task.name, "glue_train_sha256": _sha256(self._train_file()),
                   "validation_examples": self.cfg.validation_examples, "seed": self.inputs.seed,
-                  "max_train": self.cfg.max_train_examples}
+                  "max_train": self.cfg.max_train_examples, "min_words": self.cfg.validation_min_words}
         split = self.state.get("split", {})
         if split.get("wanted") != wanted or not (self.data_dir / self.task.folder / "dev.tsv").is_file():
             info = write_selection_dir(self.task.name, self.inputs.glue_dir, self.data_dir,
-                                       self.cfg.validation_examples, self.inputs.seed, self.cfg.max_train_examples)
+                                       self.cfg.validation_examples, self.inputs.seed, self.cfg.max_train_examples,
+                                       self.cfg.validation_min_words)
             self.state = {"nodes": {}, "split": {"wanted": wanted, **info}}  # other data: every node is stale
             self.save()
         self.validation = load_glue(self.task.name, "dev", self.data_dir)
@@ -261,6 +264,13 @@ class Search:
         from pipeline.data import sample_data_dir
 
         return Path(self.inputs.glue_dir or sample_data_dir()) / self.task.folder / f"{self.task.splits['train']}.tsv"
+
+    def rows_outside_validation(self) -> list:
+        from pipeline.data import load_glue
+        from pipeline.data.split import carve_validation
+
+        train = load_glue(self.task.name, "train", self.inputs.glue_dir)
+        return carve_validation(train, self.cfg.validation_examples, self.inputs.seed, self.cfg.validation_min_words)[0]
 
     def score(self, folder: Path) -> dict:
         """Metrics on the carved validation rows (never dev), once per artifact."""
@@ -333,7 +343,9 @@ class Search:
         return result
 
     def _expand(self, level: int, parent: Path, parent_key: str, chosen: dict, labels: list[str],
-                leaves: list[dict], skipped: list[dict]) -> None:
+                leaves: list[dict], skipped: list[dict], hopeless: str | None = None) -> None:
+        """Build (or take from the cache) every node below `parent`. Under a `hopeless` node (a PyTorch model
+        already out of the budget by more than `slack`) nothing new is built; what earlier runs built still counts."""
         if level == len(STEPS):
             leaves.append(self.state["nodes"][parent_key])
             return
@@ -345,18 +357,25 @@ class Search:
                 continue
             names = labels + [step.label(option)]
             key = _key(parent_key, step.name, option, settings)
+            if hopeless and not self._is_built(key):
+                skipped.append({"node": "__".join(names), "why": hopeless})
+                continue
             node = self.build(step, parent, option, key, names, here)
-            if step.torch_output and node.get("validation") is not None:
+            why = hopeless
+            if why is None and step.torch_output:
                 miss = self.drop_of(node["validation"]) - self.cfg.max_drop
                 if miss > self.cfg.slack:
-                    skipped.append({"node": "__".join(names), "why": f"{miss:+.2f} points over the budget as a PyTorch "
-                                                                     f"model: not compressed further"})
-                    continue
-            self._expand(level + 1, Path(node["folder"]), key, here, names, leaves, skipped)
+                    why = (f"{'__'.join(names)} is {miss:.2f} points over the budget as a PyTorch model "
+                           f"(slack {self.cfg.slack:g}): not compressed further")
+            self._expand(level + 1, Path(node["folder"]), key, here, names, leaves, skipped, why)
+
+    def _is_built(self, key: str) -> bool:
+        node = self.state["nodes"].get(key)
+        return bool(node and node.get("status") == "done" and (Path(node["folder"]) / "config.json").is_file())
 
     def build(self, step: Step, parent: Path, option, key: str, names: list[str], chosen: dict) -> dict:
         node = self.state["nodes"].get(key)
-        if node and node.get("status") == "done" and (Path(node["folder"]) / "config.json").is_file():
+        if self._is_built(key):
             return node
         out = self.nodes_dir / "__".join(names)
         if out.exists() and (node is None or not (out / "checkpoints").is_dir()):

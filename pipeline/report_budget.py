@@ -49,7 +49,7 @@ def budget_section(path: str | Path) -> dict:
                + f". {len(rows)} candidates, {sum(r['feasible'] for r in rows)} within the budget, "
                f"{len(front)} on the Pareto front")
     if data.get("skipped"):
-        summary += f"; {len(data['skipped'])} subtrees not built (their PyTorch model already missed the budget)"
+        summary += f"; {len(data['skipped'])} nodes not built (below a PyTorch model already out of the budget)"
     summary += "."
     chosen = next((r for r in rows if r["name"] == data.get("chosen")), None)
     if chosen:

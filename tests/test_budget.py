@@ -158,6 +158,17 @@ def test_selection_never_reads_the_dev_split(tmp_path, sst2_dir):
         run_search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
 
 
+def test_the_validation_split_is_fixed_by_the_seed_and_can_skip_short_phrases(sst2_dir):
+    train = load_glue("sst2", "train", sst2_dir)
+    rest, val = carve_validation(train, 200, seed=7, min_words=10)
+    assert (rest, val) == carve_validation(train, 200, seed=7, min_words=10)  # the seed fixes it
+    assert val != carve_validation(train, 200, seed=8, min_words=10)[1]
+    assert len(rest) + len(val) == len(train)
+    assert all(len(ex.text_a.split()) >= 10 for ex in val)
+    with pytest.raises(BertforgeError, match="of at least 500 words"):
+        carve_validation(train, 10, seed=7, min_words=500)
+
+
 def test_bad_budget_is_one_clear_error(tmp_path, capsys):
     assert main(["run", "--max-drop", "-1", "--dry-run"]) == 2  # the CLI flag lands in the budget section
     assert "max_drop must be >= 0" in capsys.readouterr().err
