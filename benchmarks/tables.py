@@ -103,19 +103,43 @@ def _method_key(method: str) -> tuple:
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), aug)
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    import statistics
+
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
 def distill() -> str:
-    rows = sorted(_load("distill.json") or [],
-                  key=lambda r: (TASK_ORDER.index(r["task"]), _method_key(r["method"]), r["student"]))
-    out = _table(["task", "method", "teacher", "student", "retention", "params (student / teacher)", "train rows",
-                  "minutes"], [
-        [r["task"], r["method"], _pct(r["teacher_score"]), _pct(r["student_score"]), f"{r['retention']:.3f}",
-         f"{r['params'] / 1e6:.1f}M / {r['teacher_params'] / 1e6:.1f}M", r.get("schedule", {}).get("train_examples", "—"),
-         round(r["wall_s"] / 60, 1)]
-        for r in rows])
-    by_task = {r["task"]: r["retention"] for r in rows if r["method"] == "tinybert"}
-    if by_task:
-        mean = sum(by_task.values()) / len(by_task)
-        out += f"\n\nMean TinyBERT retention over {', '.join(by_task)}: **{mean:.3f}** (TinyBERT-4's published: 0.97)."
+    rows = _load("distill.json") or []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"], r["student"]), []).append(r)
+    table = []
+    tinybert = {}
+    for key in sorted(groups, key=lambda k: (TASK_ORDER.index(k[0]), _method_key(k[1]), k[2])):
+        task, method, _ = key
+        rs = groups[key]
+        score, sd = _mean_sd([r["student_score"] for r in rs])
+        retention = score / rs[0]["teacher_score"]
+        margins = [r["margin_retention"] for r in rs if r.get("margin_retention") is not None]
+        margin = _mean_sd(margins)[0] if margins else None
+        if method == "tinybert":
+            tinybert[task] = retention
+        table.append([task, method, _pct(rs[0]["teacher_score"]),
+                      _pct(score) + (f" ± {100 * sd:.1f}" if sd is not None else ""), len(rs),
+                      f"{retention:.3f}", "—" if margin is None else f"{margin:.3f}",
+                      f"{rs[0]['params'] / 1e6:.1f}M / {rs[0]['teacher_params'] / 1e6:.1f}M",
+                      rs[0].get("examples_processed", rs[0].get("schedule", {}).get("train_examples", "—")),
+                      round(sum(r["wall_s"] for r in rs) / len(rs) / 60, 1)])
+    out = _table(["task", "method", "teacher", "student (mean ± sd)", "seeds", "retention", "margin retention",
+                  "params (student / teacher)", "examples processed", "minutes per seed"], table)
+    main = {t: v for t, v in tinybert.items() if t != "cola"}
+    if main:
+        out += (f"\n\nMean TinyBERT retention over {', '.join(main)}: **{sum(main.values()) / len(main):.3f}** "
+                f"(TinyBERT-4's published: 0.97)" + (f"; CoLA {tinybert['cola']:.3f} (TinyBERT-4: 0.835)."
+                                                      if "cola" in tinybert else "."))
+    out += ("\n\nRetention is student / teacher; margin retention is (student − trivial) / (teacher − trivial), "
+            "trivial being the majority-class score on dev (0 for Matthews and correlations).")
     return out + "\n\n" + _commands(*(r.get("command") for r in rows))
 
 

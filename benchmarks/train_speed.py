@@ -79,9 +79,11 @@ def main() -> None:
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR", "../shared/glue_data"))
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--bf16-recipes", nargs="*", default=["finetune", "tinybert"],
+                   help="recipes that also run the after-bf16 variant (it is a probe, not the default)")
     p.add_argument("--rows", type=int, default=640, help="training rows of the throughput runs")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--score-rows", type=int, default=4000, help="training rows of the dev-score runs")
+    p.add_argument("--score-rows", type=int, default=2000, help="training rows of the dev-score runs")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the dev-score runs (none: skip)")
     p.add_argument("--out", default=str(RESULTS / "train_speed.json"))
     args = p.parse_args()
@@ -100,6 +102,8 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 rates = {}
                 for variant in args.variants:
+                    if variant == "after-bf16" and recipe not in args.bf16_recipes:
+                        continue
                     info, wall = run_recipe(recipe, variant, args, work, args.rows, seed=0)
                     rates[variant] = info["examples"] / wall
                     result["throughput"].append({

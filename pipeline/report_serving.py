@@ -101,20 +101,27 @@ def plot_p99(endpoints: list[dict], path: str | os.PathLike | None = None) -> st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    plotted = 0
     for e in endpoints:
-        steps = [s for s in e["steps"] if s.get("p99_ms") is not None]
+        # a step with no successful request has no p99; log axes need positive values
+        steps = [s for s in e["steps"] if (s.get("p99_ms") or 0) > 0 and (s.get("offered_rps") or 0) > 0]
+        plotted += len(steps)
         line, = ax.plot([s["offered_rps"] for s in steps], [s["p99_ms"] for s in steps], marker="o", label=e["name"])
         if e.get("knee"):
             ax.plot([e["knee"]["offered_rps"]], [e["knee"]["p99_ms"]], marker="*", markersize=14, color=line.get_color())
     for slo in sorted({e["slo_ms"] for e in endpoints if e.get("slo_ms")}):
         ax.axhline(slo, color="grey", linestyle="--", linewidth=1)
         ax.annotate(f"SLO p99 {slo:g} ms", (0.01, slo), xycoords=("axes fraction", "data"), va="bottom", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if plotted:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no step had a successful request", transform=ax.transAxes, ha="center")
     ax.set_xlabel("offered rate (requests/s, open loop)")
     ax.set_ylabel("p99 latency (ms)")
     ax.set_title("Latency under load (★ knee: highest rate within the SLO)")
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     if path:
         fig.savefig(path)

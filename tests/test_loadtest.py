@@ -268,6 +268,14 @@ def test_sweep_finds_the_knee_of_a_server_with_known_capacity(oracle, tmp_path):
 
 # -- the pieces, without Locust ---------------------------------------------------------------------------------------
 
+def test_plot_survives_a_sweep_without_one_successful_request():
+    # on an overloaded machine every request of a short sweep can fail: no p99 anywhere
+    failed = {"name": "int8", "slo_ms": 50, "knee": None,
+              "steps": [{"offered_rps": 10, "p99_ms": None}, {"offered_rps": 20, "p99_ms": 0}]}
+    svg = plot_p99([failed])
+    assert svg.startswith("<?xml") and "no step had a successful request" in svg
+
+
 def test_label_field_subset():
     answer = {"outputs": [{"data": ["a", "b"]}], "x y": [[{"label": "p"}]]}
     assert extract(answer, parse_field("outputs[0].data[*]")) == ["a", "b"]
