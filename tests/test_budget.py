@@ -145,10 +145,14 @@ def test_selection_never_reads_the_dev_split(tmp_path, sst2_dir):
     shutil.copy(sst2_dir / "SST-2" / "train.tsv", glue / "train.tsv")
     (glue / "dev.tsv").write_text("sentence\tlabel\nthe dev split must not be read\tNOT-A-LABEL\n")
     teacher = make_tiny_bert(tmp_path / "teacher", layers=2)
-    cfg = _small(vocab=["full", "trimmed"], quantize=["dynamic"])  # trimming reads training rows only, too
+    # trimming and the accuracy-aware fallback's tuning read training rows only, too
+    cfg = _small(vocab=["full", "trimmed"], quantize=["dynamic", "fallback"], fallback_tolerance=1.0)
     search = Search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
     result = search.run()
-    assert result["chosen"] is not None and len(result["candidates"]) == 2
+    assert result["chosen"] is not None and len(result["candidates"]) == 4
+    fallback = json.loads((tmp_path / "budget" / "candidates" / "L1__h0-f0__v-full__fused__fallback" /
+                           "bertforge.json").read_text())
+    assert "not dev" in fallback["params"]["accuracy_aware"]["tuned_on"]
     trimmed = next(r for r in result["candidates"] if r["settings"]["vocab"] == "trimmed")
     full = next(r for r in result["candidates"] if r["settings"]["vocab"] == "full")
     assert trimmed["size_bytes"] < full["size_bytes"] / 2  # the embeddings are most of a tiny model
