@@ -75,3 +75,34 @@ def write_results(path: str | Path, obj: Any, indent: int = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(portable(obj), indent=indent) + "\n")
+
+
+def git_commit() -> str | None:
+    """The commit the results were made from, with `+dirty` when the working tree had changes."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
+
+
+def input_checksums(**paths: str | Path | None) -> dict[str, str | None]:
+    """sha256 of each input file (for a model folder: of its weights file), keyed by a short name."""
+    from pipeline.artifacts import sha256
+
+    out = {}
+    for name, path in paths.items():
+        if path is None:
+            out[name] = None
+            continue
+        p = Path(path)
+        if p.is_dir():
+            weights = [w for w in ("model.safetensors", "pytorch_model.bin", "model.onnx") if (p / w).is_file()]
+            p = p / weights[0] if weights else p
+        out[name] = sha256(p) if p.is_file() else None
+    return out

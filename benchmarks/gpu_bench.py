@@ -487,7 +487,7 @@ class Suite:
         precision = "bf16"  # accelerate's autocast: on CUDA here, on the CPU in the dry run
         loop = LoopConfig(epochs=cfg.distill_epochs, batch_size=cfg.distill_batch, learning_rate=cfg.distill_lr,
                           warmup_ratio=0.1, max_steps_per_epoch=cfg.distill_steps_per_epoch, checkpoint_every=0,
-                          seed=self.args.seed, mixed_precision=precision)
+                          seed=self.args.seed, precision=precision)
         out = self.work / "student"
         t0 = time.perf_counter()
         manifest = general_distillation(DistillConfig(

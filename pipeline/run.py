@@ -140,14 +140,18 @@ RENAMED = {
     "general.learning_rate": "general.loop.learning_rate", "general.student_config": "general.student.config",
     "distill.student_config": "distill.student.config", "distill.init_from_teacher": "distill.student.init_from_teacher",
     "distill.batch_size": "distill.loop.batch_size", "prune.learning_rate": "prune.loop.learning_rate",
+    **{f"{stage}.loop.mixed_precision": f"{stage}.loop.precision" for stage in ("teacher", "general", "distill", "prune")},
 }
 
 
 def _check_renamed(part) -> None:
     flat = OmegaConf.to_container(part, resolve=False) if part is not None else {}
     for key, new in RENAMED.items():
-        section, _, name = key.partition(".")
-        if isinstance(flat.get(section), dict) and name in flat[section]:
+        *parents, name = key.split(".")
+        node = flat
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
             raise BertforgeError(f"bad run config: {key} is now {new}")
     if isinstance(flat.get("distill"), dict) and isinstance(flat["distill"].get("student"), str):
         raise BertforgeError("bad run config: distill.student (a distilled folder) is now distill.distilled")

@@ -42,7 +42,21 @@ class LoopConfig:
     checkpoint_every: int = setting(200, "save resume state every N optimizer steps")
     max_steps_per_epoch: int | None = setting(None, "cut epochs short (smoke tests, quick runs)")
     seed: int = setting(42, "seed of the data order and initialisation")
-    mixed_precision: str = setting("no", "accelerate's mixed precision (GPU)", choices=("no", "fp16", "bf16"))
+    precision: str = setting("auto", "autocast precision; auto: bf16 on a GPU that has it, else fp32 (on CPU, bf16 "
+                             "autocast measured slower at these shapes: benchmarks/results/train_speed.json)",
+                             choices=("auto", "fp32", "bf16", "fp16"))
+    group_by_length: bool = setting(True, "batches of similar length (less padding), drawn from shuffled mega-batches "
+                                          "in random order; false: plain shuffling")
+    fused_optimizer: bool = setting(True, "torch's fused AdamW kernel (one pass over the parameters); false: the "
+                                          "per-parameter loop")
+
+
+def resolve_precision(precision: str) -> str:
+    """`LoopConfig.precision` as accelerate's `mixed_precision` ("no", "fp16" or "bf16")."""
+    if precision == "auto":
+        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return "bf16" if gpu_bf16 else "no"
+    return "no" if precision == "fp32" else precision
 
 
 def seed_everything(seed: int) -> None:
@@ -87,7 +101,7 @@ class TrainLoop:
         self.desc, self.progress = desc, progress
         self.ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
         self.run_config = run_config or {}
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision), cpu=not torch.cuda.is_available())
         # Every process must take the same number of steps: each step ends in a collective (the gradient
         # average), so a process with one batch more than the others would wait for them forever.
         self.steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size) // self.accelerator.num_processes
@@ -97,7 +111,8 @@ class TrainLoop:
         decay = [p for n, p in modules.named_parameters() if p.requires_grad and not _no_decay(n)]
         no_decay = [p for n, p in modules.named_parameters() if p.requires_grad and _no_decay(n)]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
+                                      fused=cfg.fused_optimizer or None)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
         # Recipes call their models directly (not through a DDP wrapper), so gradients are averaged across
         # processes explicitly in `_train_step`. The scheduler is not prepared: accelerate would step it
@@ -190,7 +205,8 @@ class TrainLoop:
         while self.state["epoch"] < self.cfg.epochs:
             epoch = self.state["epoch"]
             self.modules.train()
-            loader = train_loader(self.dataset, self.collator, self.cfg.batch_size, self.cfg.seed, epoch)
+            loader = train_loader(self.dataset, self.collator, self.cfg.batch_size, self.cfg.seed, epoch,
+                                  group_by_length=self.cfg.group_by_length)
             for i, batch in enumerate(loader):
                 step = i // world
                 if i % world != rank or step < self.state["step_in_epoch"]:

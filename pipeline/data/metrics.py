@@ -41,3 +41,21 @@ def logits_to_predictions(task: str, logits: np.ndarray) -> np.ndarray:
     if get_task(task).is_regression:
         return np.asarray(logits).reshape(len(logits), -1)[:, 0]
     return np.asarray(logits).argmax(-1)
+
+
+def trivial_score(task: str, train_labels: Sequence, dev_labels: Sequence) -> float:
+    """The task's score of a model that always answers the training set's majority class: the floor a
+    retention is measured from. A constant answer has no correlation with anything, so Matthews and the
+    correlations give 0 (scipy would return nan)."""
+    spec = get_task(task)
+    if spec.is_regression or "matthews_correlation" in spec.metrics:
+        return 0.0
+    values, counts = np.unique(np.asarray(train_labels), return_counts=True)
+    majority = values[counts.argmax()]
+    return compute_metrics(task, np.full(len(dev_labels), majority), dev_labels)["score"]
+
+
+def margin_retention(student: float, teacher: float, trivial: float) -> float | None:
+    """(student - trivial) / (teacher - trivial): the share of the teacher's lead over the trivial answer
+    that the student keeps, so a near-chance teacher cannot flatter its student."""
+    return (student - trivial) / (teacher - trivial) if teacher > trivial else None
