@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 # (reserve, characters) of the vocabulary rows: the bare training pieces, plus the ASCII fallback, plus a reserve
 VOCAB_SETTINGS = ((0, False), (0, True), (1000, True))
+DEFAULT_TRAIN_ROWS = 1600
 
 
 def variants(args) -> dict[str, dict]:
@@ -51,7 +52,8 @@ def prune_part(args, work: Path, base_score: float) -> dict:
     rows = []
     for seed in args.seeds:
         for name, opts in variants(args).items():
-            folder = work / f"{name}-seed{seed}"
+            rows_tag = "" if args.train_rows == DEFAULT_TRAIN_ROWS else f"-rows{args.train_rows}"
+            folder = work / f"{name}{rows_tag}-seed{seed}"
             if read_manifest(folder) is None:
                 t0 = time.perf_counter()
                 loop = LoopConfig(epochs=1, batch_size=args.batch_size, learning_rate=args.lr, checkpoint_every=50,
@@ -129,7 +131,8 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=float, default=0.5)
     p.add_argument("--ffn", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=3, help="steps of the iterative variant")
-    p.add_argument("--train-rows", type=int, default=1600, help="recovery rows: the first N of SST-2 train")
+    p.add_argument("--train-rows", type=int, default=DEFAULT_TRAIN_ROWS,
+                   help="recovery rows: the first N of SST-2 train (another N: its own `prune-rowsN` section)")
     p.add_argument("--importance-examples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -168,15 +171,17 @@ def main(argv=None) -> None:
             continue  # an earlier run's rows stay, with their own command and commit
         start = time.perf_counter()
         built = build(args, work, base)
+        if part == "prune" and args.train_rows != DEFAULT_TRAIN_ROWS:
+            part = f"prune-rows{args.train_rows}"
         result[part] = {"command": command_line(), "git_commit": git_commit(),
                         "wall_s": round(time.perf_counter() - start, 1),
                         **(built if isinstance(built, dict) else {"rows": built})}
-        if part == "prune":
+        if part.startswith("prune"):
             result[part]["settings"] = {"heads": args.heads, "ffn": args.ffn, "train_rows": args.train_rows,
                                         "recover_epochs": 1, "batch_size": args.batch_size, "learning_rate": args.lr,
                                         "importance_examples": args.importance_examples, "threads": args.threads}
         write_results(out, result)
-    print(json.dumps({k: result[k] for k in ("prune", "vocab") if k in result}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("prune", "vocab"))}, indent=1))
 
 
 if __name__ == "__main__":
