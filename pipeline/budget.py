@@ -143,7 +143,8 @@ def _build_pruned(s: "Search", parent: Path, ratios: tuple[float, float], out: P
     if not heads and not ffn:
         return parent
     cfg = dataclasses.replace(s.inputs.prune, model=str(parent), out=str(out), glue_dir=str(s.data_dir),
-                              task=s.inputs.task, heads=heads, ffn=ffn, target_params=None)
+                              task=s.inputs.task, heads=heads, ffn=ffn, target_params=None,
+                              eval_dev=False)  # the search scores every node on the validation rows itself
     prune(cfg, resume=(out / "checkpoints").is_dir(), progress=s.progress, importance=s.importance(parent, cfg))
     return out
 
@@ -320,7 +321,7 @@ class Search:
             return {k: v for k, v in asdict(c).items() if k not in ("out", "model", "teacher", "glue_dir", *drop)}
 
         return {"depth": lambda: plain(self.inputs.distill, "num_threads", "eval_batch_size"),
-                "prune": lambda: plain(self.inputs.prune, "num_threads", "eval_batch_size"),
+                "prune": lambda: plain(self.inputs.prune, "num_threads", "eval_batch_size", "eval_dev"),
                 "vocab": lambda: {"reserve": self.cfg.vocab_reserve},
                 "graph": lambda: plain(self.inputs.export),
                 "quantize": lambda: {**plain(self.inputs.quantize), "fallback_tolerance": self.cfg.fallback_tolerance},

@@ -81,6 +81,8 @@ class PruneConfig:
     train_file: str | None = setting(None, "TSV in the task's layout to score importance and recover on "
                                            "(default: the GLUE train split)")
     max_train_examples: int | None = setting(None, "rows of the recovery distillation (default: all training rows)")
+    eval_dev: bool = setting(True, "score the dev split before and after recovery (reported, never used to choose)",
+                             flag="--no-eval-dev")
     eval_batch_size: int = setting(64, "examples per dev-scoring batch")
     num_threads: int | None = setting(None, "CPU threads for torch", flag="--threads")
     loop: LoopConfig = setting(factory=lambda: LoopConfig(epochs=1, batch_size=32, learning_rate=5e-5))
@@ -405,7 +407,7 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True, importa
     before = {"params": count_parameters(model), "heads": head_counts(model), "ffn": ffn_sizes(model)}
     out = prepare_output_dir(cfg.out)
     train = load_train_examples(task.name, cfg.glue_dir, cfg.train_file)
-    dev = load_glue(task.name, dev_split(task), cfg.glue_dir)
+    dev = load_glue(task.name, dev_split(task), cfg.glue_dir) if cfg.eval_dev else None
     recovery_rows = train[:cfg.max_train_examples] if cfg.max_train_examples else train
     plan = recovery_plan(cfg, _steps_per_epoch(cfg, len(recovery_rows)))
     phases_dir = out / CHECKPOINT_DIR / PHASES_DIR
@@ -437,11 +439,12 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True, importa
         if (heads_frac or ffn_frac) and step not in pruned_steps:
             record["steps"].append(_prune_step(cfg, model, tokenizer, task, train, max_length, before, heads_frac,
                                                ffn_frac, step, importance))
-        if step == cfg.steps and record["dev_before_recovery"] is None:
+        if step == cfg.steps and not record.get("pruned"):
             if cfg.unstructured:
                 record["unstructured"] = prune_unstructured(model, cfg.unstructured)
-            # the final size before the last recovery: for one step, the pruned model without any recovery
-            record["dev_before_recovery"] = _eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size)
+            record["pruned"] = True
+            if cfg.eval_dev:  # the final size before the last recovery: for one step, before any recovery
+                record["dev_before_recovery"] = _eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size)
         for index, phase in enumerate(plan):
             if phase.step != step or phase.name in done_phases:
                 continue
@@ -460,10 +463,11 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True, importa
     params["after"] = {"params": count_parameters(model), "heads": head_counts(model), "ffn": ffn_sizes(model)}
 
     _save(model, tokenizer, out)
-    metrics = {"dev_before_recovery": record["dev_before_recovery"]}
-    dev_metrics = (_eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size) if plan
-                   else record["dev_before_recovery"])
-    metrics.update({dev_split(task): dev_metrics, "dev": dev_metrics})
+    metrics = {}
+    if cfg.eval_dev:
+        dev_metrics = (_eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size) if plan
+                       else record["dev_before_recovery"])
+        metrics = {"dev_before_recovery": record["dev_before_recovery"], dev_split(task): dev_metrics, "dev": dev_metrics}
     if cfg.unstructured:
         params["gzip_bytes"] = _gzip_size(out / "model.safetensors")
         parent_weights = Path(resolve_model(cfg.model)) / "model.safetensors"
@@ -522,6 +526,6 @@ def _gzip_size(path: Path) -> int:
 
 def _run_config(cfg: PruneConfig) -> dict:
     d = asdict(cfg)
-    d.pop("eval_batch_size")
-    d.pop("num_threads")
+    for volatile in ("eval_dev", "eval_batch_size", "num_threads"):  # no effect on the weights
+        d.pop(volatile)
     return d

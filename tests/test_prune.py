@@ -170,7 +170,10 @@ def test_transformer_recovery_and_iterative_pruning(tiny_bert, sst2_dir, tmp_pat
     common = dict(heads=0.5, ffn=0.5, recover_epochs=1, loop=loop, max_train_examples=64)
     one = prune(_cfg(tiny_bert, tmp_path / "one", sst2_dir, **common), progress=False)
     tr = prune(_cfg(tiny_bert, tmp_path / "tr", sst2_dir, recovery="transformer", **common), progress=False)
-    it = prune(_cfg(tiny_bert, tmp_path / "it", sst2_dir, recovery="transformer", steps=2, **common), progress=False)
+    it = prune(_cfg(tiny_bert, tmp_path / "it", sst2_dir, recovery="transformer", steps=2, eval_dev=False, **common),
+               progress=False)
+    assert "dev" in tr.metrics and "dev_before_recovery" in tr.metrics
+    assert it.metrics == {}  # no dev scoring asked for
     for m in (tr, it):
         assert sum(m.params["after"]["heads"]) == sum(one.params["after"]["heads"]) == 4
         assert sum(m.params["after"]["ffn"]) == sum(one.params["after"]["ffn"]) == 64
