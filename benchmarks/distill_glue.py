@@ -45,8 +45,8 @@ STUDENTS = {
 BUDGET = {
     "cola": dict(max_train_examples=None, intermediate_epochs=2, prediction_epochs=1),
     "sst2": dict(max_train_examples=None, intermediate_epochs=1, prediction_epochs=1),
-    "mrpc": dict(max_train_examples=None, intermediate_epochs=2, prediction_epochs=1),
-    "stsb": dict(max_train_examples=None, intermediate_epochs=2, prediction_epochs=1),
+    "mrpc": dict(max_train_examples=None, intermediate_epochs=1, prediction_epochs=1),
+    "stsb": dict(max_train_examples=None, intermediate_epochs=1, prediction_epochs=1),
     "rte": dict(max_train_examples=None, intermediate_epochs=2, prediction_epochs=1),
 }
 PAPER = "intermediate 20 epochs (cola 50), prediction 3, lr 5e-5/3e-5, batch 32, augmented data"
