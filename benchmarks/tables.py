@@ -250,7 +250,7 @@ def budget() -> str:
     note = data.get("note")
     return _table(["task", "budget (points)", "objective", "chosen", "validation drop", "dev drop", "dev score",
                    "× faster vs PyTorch fp32", "× faster vs ORT int8", "MB", "× smaller"], table, left=4) + \
-        (f"\n\n{note}" if note else "") + "\n\n" + _commands(data.get("command"), *(r.get("command") for r in data["rows"]))
+        (f"\n\n{note}" if note else "") + "\n\n" + _commands(*data.get("commands", [data.get("command")]), *(r.get("command") for r in data["rows"]))
 
 
 TABLES = {"headline": headline, "teachers": teachers, "teacher-check": teacher_check, "distill": distill,
