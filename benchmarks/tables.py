@@ -234,8 +234,27 @@ def serving() -> str:
                   table) + "\n\n" + _commands(*(r.get("command") for r in rows))
 
 
+def budget() -> str:
+    data = _load("budget.json") or {"rows": []}
+    table = []
+    for r in data["rows"]:
+        if r.get("chosen") is None:
+            table.append([r["task"], f"{r['budget']:g}", r["objective"], "none fits", *["—"] * 7])
+            continue
+        s = r["chosen_settings"]
+        what = f"L{s['depth']} h{s['prune'][0]:.0%} f{s['prune'][1]:.0%} {s['vocab']} {s['graph']} {s['quantize']}"
+        table.append([r["task"], f"{r['budget']:g}", r["objective"], what, f"{r['validation_drop_points']:.2f}",
+                      f"{r['dev_drop_points']:.2f}", _pct(r["dev_score"]), _x(r["latency_b1_vs_bert_base_torch_fp32"]),
+                      _x(r["latency_b1_vs_bert_base_ort_int8"]), f"{r['size_bytes'] / 1e6:.1f}",
+                      _x(r["size_vs_bert_base_fp32"])])
+    note = data.get("note")
+    return _table(["task", "budget (points)", "objective", "chosen", "validation drop", "dev drop", "dev score",
+                   "× faster vs PyTorch fp32", "× faster vs ORT int8", "MB", "× smaller"], table, left=4) + \
+        (f"\n\n{note}" if note else "") + "\n\n" + _commands(*data.get("commands", [data.get("command")]), *(r.get("command") for r in data["rows"]))
+
+
 TABLES = {"headline": headline, "teachers": teachers, "teacher-check": teacher_check, "distill": distill,
-          "augment": augment, "early-exit": early_exit, "compress": compress, "serving": serving}
+          "augment": augment, "early-exit": early_exit, "compress": compress, "serving": serving, "budget": budget}
 
 # benchmarks/README.md: (table, title, what it measures). The words say what was measured and how; the
 # figures come from the tables only, so the page cannot disagree with the JSON.
@@ -265,6 +284,10 @@ SECTIONS = [
      "Every compression stage on the teacher and the student: plain and fused (O2) ONNX, dynamic, accuracy-aware "
      "and static int8, fp16, neural-compressor's int8 PyTorch graph, and structured pruning (half the heads, half "
      "the FFN) then fused int8."),
+    ("budget", "Accuracy budget",
+     "`bertforge run --max-drop B`: the fastest (or smallest) artifact whose score on training rows carved as a "
+     "validation split stays within B points of the teacher's, searched over student depth, pruning, vocabulary, "
+     "graph fusion and quantization; the dev drop is the chosen artifact's, scored once after the choice."),
     ("serving", "Serving",
      "`bertforge serve` under Locust on the same 2 cores, with SST-2 dev sentences: closed loop (users) and fixed "
      "rate (open loop, so latency under load is not understated). In-process req/s is the model alone at the "

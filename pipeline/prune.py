@@ -1,6 +1,14 @@
 """Recipe: structured pruning of attention heads and FFN neurons, optionally followed by recovery
 distillation from the unpruned model; or unstructured magnitude pruning.
 
+Recovery (`recovery`): `prediction` matches the pruned model's logits to the unpruned model's (soft
+cross-entropy); `transformer` first matches every layer's output and the kept heads' attention scores to
+the same layer and heads of the unpruned model (TinyBERT's intermediate losses; a pruned head has no
+counterpart, a kept one its own), then the logits. Iterative pruning (`steps` > 1) removes the same total in
+equal steps, re-scoring importance and recovering between them. Every variant spends the same budget,
+`recover_epochs` epochs over the recovery rows, split into phases (`recovery_plan`), so they compare at
+equal cost. The model after the last phase is kept: dev is scored once, never used to choose.
+
 Importance is measured on task data with gates: each head's output and each FFN neuron's activation is
 multiplied by a gate fixed at 1, and the importance of a unit is the accumulated |d loss / d gate|
 (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"; for a neuron the gate gradient is
@@ -19,26 +27,32 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
+import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers.pytorch_utils import prune_linear_layer
 
 from pipeline.artifacts import Manifest, prepare_output_dir, read_manifest, write_manifest
-from pipeline.data import GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, dev_split, eval_loader, get_task, load_glue
+from pipeline.capture import ScoreCapture, run_with_internals
+from pipeline.data import (GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, dev_split, eval_loader, get_task, load_glue,
+                           load_train_examples)
 from pipeline.errors import BertforgeError
-from pipeline.evaluate import BestDev, evaluate
+from pipeline.evaluate import evaluate
 from pipeline.inference import TorchClassifier
-from pipeline.losses import prediction_loss
+from pipeline.losses import attention_loss, hidden_loss, prediction_loss
 from pipeline.models import count_parameters, load_model, load_tokenizer, resolve_model
 from pipeline.settings import setting
-from pipeline.training import LoopConfig, TrainLoop
+from pipeline.training import CHECKPOINT_DIR, LoopConfig, TrainLoop
 
 MODELING_FILE = Path(__file__).with_name("modeling_pruned_bert.py")
 AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_pruned_bert.PrunedBertForSequenceClassification"}
+RECOVERY = ("prediction", "transformer")
+PHASES_DIR = "phases"  # OUT/checkpoints/phases/<phase>/: each recovery phase's resume state and finished model
 
 
 @dataclass
@@ -56,9 +70,19 @@ class PruneConfig:
     importance_examples: int = setting(1024, "training examples scoring heads and neurons")
     importance_batch_size: int = setting(32, "examples per importance-scoring batch")
     max_length: int | None = setting(None, "word-pieces per example (default: the task's)")
-    recover_epochs: int = setting(0, "epochs of prediction-layer distillation from the unpruned model afterwards")
+    steps: int = setting(1, "prune in N equal steps, re-scoring importance and recovering after each (iterative)")
+    recover_epochs: int = setting(0, "recovery budget: epochs of distillation from the unpruned model over the "
+                                     "recovery rows, shared by all steps and phases")
+    recovery: str = setting("prediction", "prediction: match the unpruned model's logits; transformer: its hidden "
+                                          "states and attention scores first, then its logits", choices=RECOVERY)
+    intermediate_share: float = setting(0.5, "transformer recovery: share of the budget spent on hidden states and "
+                                             "attention (the rest on the logits)")
     temperature: float = setting(1.0, "soft cross-entropy temperature of the recovery")
-    max_train_examples: int | None = setting(None, "rows of the recovery distillation (default: the whole train split)")
+    train_file: str | None = setting(None, "TSV in the task's layout to score importance and recover on "
+                                           "(default: the GLUE train split)")
+    max_train_examples: int | None = setting(None, "rows of the recovery distillation (default: all training rows)")
+    eval_dev: bool = setting(True, "score the dev split before and after recovery (reported, never used to choose)",
+                             flag="--no-eval-dev")
     eval_batch_size: int = setting(64, "examples per dev-scoring batch")
     num_threads: int | None = setting(None, "CPU threads for torch", flag="--threads")
     loop: LoopConfig = setting(factory=lambda: LoopConfig(epochs=1, batch_size=32, learning_rate=5e-5))
@@ -124,20 +148,30 @@ def select_units(scores: list[torch.Tensor], fraction: float, per_layer: bool, w
     """Positions to remove in each layer: the lowest-scoring `fraction`, per layer or globally.
 
     A layer always keeps one unit: a target that would empty a layer is an error, not a silent change."""
+    check_fraction(fraction, what)
+    count = [round(fraction * len(s)) for s in scores] if per_layer else round(fraction * sum(len(s) for s in scores))
+    return lowest_units(scores, count, what)
+
+
+def check_fraction(fraction: float, what: str) -> None:
     if not 0.0 <= fraction < 1.0:
         raise BertforgeError(f"--{what} must be a fraction in [0, 1): {fraction} would remove every {what[:-1] if what.endswith('s') else what} unit")
+
+
+def lowest_units(scores: list[torch.Tensor], count: int | list[int], what: str) -> list[list[int]]:
+    """Positions of the lowest-scoring units: `count` of them per layer (a list) or in one global ranking
+    (an int). A layer always keeps one unit."""
     sizes = [len(s) for s in scores]
-    if per_layer:
+    if isinstance(count, list):
         remove = []
-        for i, s in enumerate(scores):
-            n = round(fraction * len(s))
+        for i, (s, n) in enumerate(zip(scores, count)):
             if n >= len(s):
-                raise BertforgeError(f"pruning {fraction:.0%} of the {what} would remove all {len(s)} of layer {i}")
+                raise BertforgeError(f"pruning the {what} would remove all {len(s)} of layer {i}")
             remove.append(sorted(torch.argsort(s)[:n].tolist()))
         return remove
-    n = round(fraction * sum(sizes))
+    n = count
     if n > sum(sizes) - len(sizes):
-        raise BertforgeError(f"pruning {fraction:.0%} of the {what} globally would leave a layer with none")
+        raise BertforgeError(f"pruning {n} of the {sum(sizes)} {what} globally would leave a layer with none")
     ranked = sorted(((float(v), i, j) for i, s in enumerate(scores) for j, v in enumerate(s)))
     remove, left = [[] for _ in sizes], list(sizes)
     for _, i, j in ranked:
@@ -148,6 +182,18 @@ def select_units(scores: list[torch.Tensor], fraction: float, per_layer: bool, w
             left[i] -= 1
             n -= 1
     return [sorted(r) for r in remove]
+
+
+def step_counts(before: list[int], fraction: float, steps: int, step: int, per_layer: bool) -> int | list[int]:
+    """How many units step `step` (1-based) of `steps` removes: equal shares whose sum is exactly what one
+    step would remove (`before`: the units per layer at the start)."""
+    def removed_by(k: int):
+        if per_layer:
+            return [round(round(fraction * n) * k / steps) for n in before]
+        return round(round(fraction * sum(before)) * k / steps)
+
+    done, target = removed_by(step - 1), removed_by(step)
+    return [b - a for a, b in zip(done, target)] if per_layer else target - done
 
 
 # -- surgery -------------------------------------------------------------------------------------
@@ -225,6 +271,110 @@ def fractions_for_budget(model, target_params: int) -> float:
     return (total - target_params) / removable
 
 
+# -- recovery ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecoveryPhase:
+    step: int  # the pruning step (1-based) it follows
+    loss: str  # transformer | prediction
+    optimizer_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"step{self.step}-{self.loss}"
+
+
+def recovery_plan(cfg: PruneConfig, steps_per_epoch: int) -> list[RecoveryPhase]:
+    """The recovery phases in order. Their optimizer steps add up to `recover_epochs` epochs' worth:
+    prediction recovery takes an equal share after each pruning step; transformer recovery spends
+    `intermediate_share` on the intermediate losses, split equally over the pruning steps, and the rest
+    on the logits after the last step."""
+    total, n = cfg.recover_epochs * steps_per_epoch, cfg.steps
+    if cfg.recovery == "prediction":
+        shares = [(k, "prediction", 1 / n) for k in range(1, n + 1)]
+    else:
+        shares = [(k, "transformer", cfg.intermediate_share / n) for k in range(1, n + 1)]
+        shares.append((n, "prediction", 1 - cfg.intermediate_share))
+    phases, given, cumulative = [], 0, 0.0
+    for step, loss, share in shares:
+        cumulative += share
+        count = round(cumulative * total) - given  # cumulative rounding: the counts sum to `total` exactly
+        given += count
+        if count > 0:
+            phases.append(RecoveryPhase(step, loss, count))
+    return phases
+
+
+def kept_heads(config, layer: int, num_heads: int) -> list[int]:
+    """Original ids of the heads a layer still has (transformers records the removed ones per layer)."""
+    gone = {int(k): set(v) for k, v in (config.pruned_heads or {}).items()}.get(layer, set())
+    return [h for h in range(num_heads) if h not in gone]
+
+
+def intermediate_loss_fn(student, teacher, student_capture: ScoreCapture, teacher_capture: ScoreCapture):
+    """loss_fn for TrainLoop: each layer's output (the embeddings' too) against the same layer of the
+    unpruned teacher, and each kept head's attention scores against that same head of the teacher.
+    Pruning keeps the hidden width, so no projection is needed."""
+    total_heads = teacher.config.num_attention_heads
+    heads = []  # per layer: the teacher's positions of the student's heads
+    for i in range(student.config.num_hidden_layers):
+        teacher_ids = kept_heads(teacher.config, i, total_heads)
+        heads.append(torch.tensor([teacher_ids.index(h) for h in kept_heads(student.config, i, total_heads)]))
+    same = torch.nn.Identity()
+
+    def loss_fn(batch):
+        batch.pop("idx", None)
+        batch.pop("labels", None)
+        mask = batch["attention_mask"]
+        with torch.no_grad():
+            t = run_with_internals(teacher, batch, teacher_capture, logits=False)
+        s = run_with_internals(student, batch, student_capture, logits=False)
+        hidden = sum(hidden_loss(hs, ht, same, mask) for hs, ht in zip(s.hidden_states, t.hidden_states))
+        attention = sum(attention_loss(s.scores[n], t.scores[n][:, heads[n - 1].to(mask.device)], mask)
+                        for n in s.scores)
+        return {"loss": hidden + attention, "hidden": hidden, "attention": attention}
+
+    return loss_fn
+
+
+def prediction_loss_fn(student, teacher, temperature: float):
+    def loss_fn(batch):
+        batch.pop("idx", None)
+        batch.pop("labels", None)  # recovery learns from the unpruned model alone
+        with torch.no_grad():
+            t = teacher(**batch).logits
+        return {"loss": prediction_loss(student(**batch).logits, t, temperature)}
+
+    return loss_fn
+
+
+def recover(cfg: PruneConfig, phase: RecoveryPhase, index: int, model, teacher, dataset, collator, work: Path,
+            resume: bool, progress: bool) -> TrainLoop:
+    """Run one recovery phase on `model` in place; returns its loop (the caller saves the model, then
+    calls `loop.finish()`). `work` holds its resume state. Each phase has its own data order (seed + index), so short phases see different rows."""
+    steps_per_epoch = _steps_per_epoch(cfg, len(dataset))
+    epochs = math.ceil(phase.optimizer_steps / steps_per_epoch)
+    loop_cfg = replace(cfg.loop, epochs=epochs, max_steps_per_epoch=phase.optimizer_steps // epochs,
+                       seed=cfg.loop.seed + index)
+    captures = [ScoreCapture(model), ScoreCapture(teacher)] if phase.loss == "transformer" else []
+    loss_fn = (intermediate_loss_fn(model, teacher, *captures) if captures
+               else prediction_loss_fn(model, teacher, cfg.temperature))
+    try:
+        loop = TrainLoop(loop_cfg, model, dataset, collator, loss_fn, work, desc=f"prune-recover {phase.name}",
+                         run_config={**_run_config(cfg), "phase": phase.name}, progress=progress)
+        teacher.to(loop.device)
+        loop.run(resume=resume)
+    finally:
+        for c in captures:  # the hooks sit on modules the next pruning step may replace
+            c.remove()
+    return loop
+
+
+def _steps_per_epoch(cfg: PruneConfig, rows: int) -> int:
+    n = math.ceil(rows / cfg.loop.batch_size)
+    return min(n, cfg.loop.max_steps_per_epoch) if cfg.loop.max_steps_per_epoch else n
+
+
 # -- the recipe ----------------------------------------------------------------------------------
 
 def _eval_metrics(model, tokenizer, task, dev, max_length, batch_size) -> dict:
@@ -233,13 +383,19 @@ def _eval_metrics(model, tokenizer, task, dev, max_length, batch_size) -> dict:
                     max_length=max_length, batch_size=batch_size, progress=False).metrics
 
 
-def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Manifest:
+def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True, importance=None) -> Manifest:
+    """`importance`: (head_scores, ffn_scores) from `rank_units` on the unpruned model, when one ranking
+    serves several pruning levels (the budget search)."""
     start = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     task = get_task(cfg.task)
     if not (cfg.heads or cfg.ffn or cfg.target_params or cfg.unstructured):
         raise BertforgeError("nothing to prune: set heads, ffn, target_params or unstructured")
+    if cfg.steps < 1:
+        raise BertforgeError(f"steps must be at least 1, got {cfg.steps}")
+    if cfg.recovery == "transformer" and not 0.0 < cfg.intermediate_share < 1.0:
+        raise BertforgeError(f"intermediate_share must be in (0, 1), got {cfg.intermediate_share}")
     parent = read_manifest(cfg.model)
     if parent and parent.format != "pytorch":
         raise BertforgeError(f"{cfg.model} is an ONNX artifact: prune the PyTorch model, then export")
@@ -249,71 +405,110 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True) -> Mani
     if model.config.num_labels != task.num_labels:
         raise BertforgeError(f"label-count mismatch: {cfg.model} has {model.config.num_labels} labels, task {task.name} has {task.num_labels}")
     before = {"params": count_parameters(model), "heads": head_counts(model), "ffn": ffn_sizes(model)}
-    teacher = copy.deepcopy(model).eval() if cfg.recover_epochs else None
     out = prepare_output_dir(cfg.out)
-    train = load_glue(task.name, "train", cfg.glue_dir)
-    dev = load_glue(task.name, dev_split(task), cfg.glue_dir)
-    params: dict = {**_run_config(cfg), "max_length": max_length, "before": before}
+    train = load_train_examples(task.name, cfg.glue_dir, cfg.train_file)
+    dev = load_glue(task.name, dev_split(task), cfg.glue_dir) if cfg.eval_dev else None
+    recovery_rows = train[:cfg.max_train_examples] if cfg.max_train_examples else train
+    plan = recovery_plan(cfg, _steps_per_epoch(cfg, len(recovery_rows)))
+    phases_dir = out / CHECKPOINT_DIR / PHASES_DIR
+    if plan and (out / CHECKPOINT_DIR).exists() and not resume:
+        raise BertforgeError(f"{out} holds an unfinished run: pass --resume to continue it")
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if plan else None
+    params: dict = {**_run_config(cfg), "max_length": max_length, "before": before,
+                    "recovery_plan": [asdict(p) for p in plan], "recovery_rows": len(recovery_rows)}
 
     heads_frac, ffn_frac = cfg.heads, cfg.ffn
     if cfg.target_params:
         heads_frac = ffn_frac = fractions_for_budget(model, cfg.target_params)
         params["budget_fraction"] = round(heads_frac, 4)
-    if heads_frac or ffn_frac:
-        gen = torch.Generator().manual_seed(cfg.loop.seed)
-        picked = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.importance_examples].tolist()]
-        data = EncodedDataset(picked, tokenizer, max_length)
-        head_scores, ffn_scores = unit_importance(model, eval_loader(data, Collator(tokenizer, task.is_regression),
-                                                                       cfg.importance_batch_size))
-        heads_out = select_units(head_scores, heads_frac, cfg.per_layer, "heads")
-        ffn_out = select_units(ffn_scores, ffn_frac, cfg.per_layer, "ffn")
-        prune_structured(model, heads_out, ffn_out)
-        params["removed_heads"] = {i: h for i, h in enumerate(heads_out) if h}
-        params["removed_neurons_per_layer"] = [len(r) for r in ffn_out]
-    if cfg.unstructured:
-        params.update(prune_unstructured(model, cfg.unstructured))
+    check_fraction(heads_frac, "heads")
+    check_fraction(ffn_frac, "ffn")
+    # A resumed run continues after the last finished phase, whose model (and the record of what was
+    # removed up to it) it reloads; importance scoring and surgery are deterministic, so nothing differs.
+    finished = [p for p in plan if (phases_dir / p.name / "model" / "config.json").is_file()]
+    record = {"steps": [], "recovery_steps_taken": 0, "dev_before_recovery": None}
+    if finished and resume:
+        model = load_model(phases_dir / finished[-1].name / "model")
+        record = json.loads((phases_dir / finished[-1].name / "record.json").read_text())
+    done_phases = {p.name for p in finished} if resume else set()
+    pruned_steps = {s["step"] for s in record["steps"]}
+
+    dataset = EncodedDataset(recovery_rows, tokenizer, max_length) if plan else None
+    collator = Collator(tokenizer, task.is_regression)
+    for step in range(1, cfg.steps + 1):
+        if (heads_frac or ffn_frac) and step not in pruned_steps:
+            record["steps"].append(_prune_step(cfg, model, tokenizer, task, train, max_length, before, heads_frac,
+                                               ffn_frac, step, importance))
+        if step == cfg.steps and not record.get("pruned"):
+            if cfg.unstructured:
+                record["unstructured"] = prune_unstructured(model, cfg.unstructured)
+            record["pruned"] = True
+            if cfg.eval_dev:  # the final size before the last recovery: for one step, before any recovery
+                record["dev_before_recovery"] = _eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size)
+        for index, phase in enumerate(plan):
+            if phase.step != step or phase.name in done_phases:
+                continue
+            work = phases_dir / phase.name
+            loop = recover(cfg, phase, index, model, teacher, dataset, collator, work, resume, progress)
+            record["recovery_steps_taken"] += loop.state["global_step"]
+            _save(model, tokenizer, work / "model")
+            (work / "record.json").write_text(json.dumps(record))
+            loop.finish()  # only once the phase's model is safe: a kill in between redoes the phase, no worse
+    params.update(record.get("unstructured", {}))
+    if record["steps"]:
+        params["removed_heads"] = {i: h for i, h in enumerate(_merge(s["removed_heads"] for s in record["steps"])) if h}
+        params["removed_neurons_per_layer"] = [sum(n) for n in zip(*(s["removed_neurons"] for s in record["steps"]))]
+        params["pruning_steps"] = record["steps"]
+    params["recovery_examples"] = record["recovery_steps_taken"] * cfg.loop.batch_size  # optimizer steps x batch
     params["after"] = {"params": count_parameters(model), "heads": head_counts(model), "ffn": ffn_sizes(model)}
 
-    metrics = {"dev_before_recovery": _eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size)}
-    if cfg.recover_epochs:
-        metrics.update(_recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, resume, progress))
-    else:
-        metrics["dev"] = metrics["dev_before_recovery"]
-        _save(model, tokenizer, out)
+    _save(model, tokenizer, out)
+    metrics = {}
+    if cfg.eval_dev:
+        dev_metrics = (_eval_metrics(model, tokenizer, task, dev, max_length, cfg.eval_batch_size) if plan
+                       else record["dev_before_recovery"])
+        metrics = {"dev_before_recovery": record["dev_before_recovery"], dev_split(task): dev_metrics, "dev": dev_metrics}
     if cfg.unstructured:
         params["gzip_bytes"] = _gzip_size(out / "model.safetensors")
         parent_weights = Path(resolve_model(cfg.model)) / "model.safetensors"
         if parent_weights.is_file():
             params["parent_gzip_bytes"] = _gzip_size(parent_weights)
         params["note"] = "unstructured sparsity shrinks only the compressed file; dense runtimes run no faster"
-    manifest = write_manifest(out, Manifest(
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    return write_manifest(out, Manifest(
         stage="prune", task=task.name, parent=str(cfg.model), params=params, seed=cfg.loop.seed,
         metrics=metrics, num_parameters=count_parameters(model), wall_s=round(time.perf_counter() - start, 1),
     ))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return manifest
 
 
-def _recover(cfg, model, teacher, tokenizer, task, train, dev, max_length, out, resume, progress) -> dict:
-    """Prediction-layer distillation from the unpruned model (soft cross-entropy to its logits)."""
-    train = train[:cfg.max_train_examples] if cfg.max_train_examples else train
-    dataset = EncodedDataset(train, tokenizer, max_length)
-    loop_cfg = LoopConfig(**{**asdict(cfg.loop), "epochs": cfg.recover_epochs})
+def rank_units(cfg, model, tokenizer, task, train, max_length):
+    """Head and FFN-neuron importance on `cfg.importance_examples` training rows picked by the seed."""
+    gen = torch.Generator().manual_seed(cfg.loop.seed)
+    picked = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.importance_examples].tolist()]
+    data = EncodedDataset(picked, tokenizer, max_length)
+    return unit_importance(model, eval_loader(data, Collator(tokenizer, task.is_regression), cfg.importance_batch_size))
 
-    def loss_fn(batch):
-        batch.pop("idx")
-        batch.pop("labels", None)
-        with torch.no_grad():
-            t = teacher(**batch).logits
-        return {"loss": prediction_loss(model(**batch).logits, t, cfg.temperature)}
 
-    best_dev = BestDev(model, tokenizer, task, dev, max_length, cfg.eval_batch_size, out,
-                       write=lambda: _save(model, tokenizer, out))
-    loop = TrainLoop(loop_cfg, model, dataset, Collator(tokenizer, task.is_regression), loss_fn, out, best_dev.evaluate,
-                     best_dev.save, desc=f"prune-recover {task.name}", run_config=_run_config(cfg), progress=progress)
-    teacher.to(loop.device)
-    loop.run(resume=resume)
-    return best_dev.metrics_for_manifest()
+def _prune_step(cfg, model, tokenizer, task, train, max_length, before, heads_frac, ffn_frac, step,
+                importance=None) -> dict:
+    """Score importance on the model as it is now and cut this step's share of heads and neurons. The first
+    step may take a ranking computed once for several pruning levels of the same model (`importance`)."""
+    head_scores, ffn_scores = (importance if step == 1 and importance is not None
+                               else rank_units(cfg, model, tokenizer, task, train, max_length))
+    heads_out = lowest_units(head_scores, step_counts(before["heads"], heads_frac, cfg.steps, step, cfg.per_layer), "heads")
+    ffn_out = lowest_units(ffn_scores, step_counts(before["ffn"], ffn_frac, cfg.steps, step, cfg.per_layer), "ffn")
+    removed = [[kept_heads(model.config, i, model.config.num_attention_heads)[p] for p in positions]
+               for i, positions in enumerate(heads_out)]  # original head ids, as config.pruned_heads has them
+    prune_structured(model, heads_out, ffn_out)
+    return {"step": step, "removed_heads": removed, "removed_neurons": [len(r) for r in ffn_out],
+            "heads": head_counts(model), "ffn": ffn_sizes(model)}
+
+
+def _merge(per_step) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for layers in per_step:
+        merged = [sorted(a + b) for a, b in zip(merged, layers)] if merged else [list(x) for x in layers]
+    return merged
 
 
 def _save(model, tokenizer, out: Path) -> None:
@@ -331,6 +526,6 @@ def _gzip_size(path: Path) -> int:
 
 def _run_config(cfg: PruneConfig) -> dict:
     d = asdict(cfg)
-    d.pop("eval_batch_size")
-    d.pop("num_threads")
+    for volatile in ("eval_dev", "eval_batch_size", "num_threads"):  # no effect on the weights
+        d.pop(volatile)
     return d

@@ -10,8 +10,10 @@ ONNX Runtime backend (input: an ONNX artifact folder from `bertforge export`, ou
   on optimum exports).
 - `fp16`: fp16 weights with fp32 inputs and outputs, for GPUs.
 - accuracy-aware (`tolerance`): measure each quantizable node's sensitivity (logit error when only that
-  node is quantized, on a dev subset), then keep the most sensitive nodes in float, as few as needed for the
-  dev score to stay within `tolerance` (relative) of the float model's. The manifest lists them.
+  node is quantized), then keep the most sensitive nodes in float, as few as needed for the score to stay
+  within `tolerance` (relative) of the float model's. Every choice is made on `tune_examples` training rows
+  carved by the seed (`pipeline.data.split`), never on the dev split the manifest reports; each trial score,
+  the all-float one included, is measured, not assumed. The manifest lists the nodes kept in float.
 
 neural-compressor backend (input: a PyTorch artifact, output: a folder with `model.pt2`, a
 `torch.export` program of the PT2E int8 graph, plus config.json and the tokenizer):
@@ -61,10 +63,12 @@ class QuantizeConfig:
     calibration_examples: int = setting(256, "static: training examples that calibrate activation ranges")
     calibration_method: str = setting("minmax", "static: how activation ranges are chosen",
                                       choices=("minmax", "entropy", "percentile"))
-    tolerance: float | None = setting(None, "accuracy-aware: allowed relative dev-score drop (0.01 = 1%%); "
-                                            "sensitive nodes stay float")
+    tolerance: float | None = setting(None, "accuracy-aware: allowed relative score drop (0.01 = 1%%) on rows carved "
+                                            "from train; sensitive nodes stay float")
+    tune_examples: int = setting(512, "accuracy-aware: training rows (carved by the seed) the tolerance is tuned on")
+    seed: int = setting(42, "accuracy-aware: seed of the carved tuning rows")
     eval_examples: int | None = setting(None, "dev examples scored (default: all)")
-    sensitivity_examples: int = setting(128, "dev examples used to rank node sensitivity")
+    sensitivity_examples: int = setting(128, "accuracy-aware: tuning rows used to rank node sensitivity")
     max_length: int | None = setting(None, "word-pieces per example (default: the task's)")
     batch_size: int = setting(32, "examples per scoring batch")
 
@@ -193,7 +197,7 @@ def _quantize_ort(cfg: QuantizeConfig, start: float, progress: bool) -> Manifest
     if cfg.mode == "static" and task is None:
         raise BertforgeError("static quantization calibrates on task data: set the task")
     if cfg.tolerance is not None and task is None:
-        raise BertforgeError("accuracy-aware quantization scores the dev split: set the task")
+        raise BertforgeError("accuracy-aware quantization tunes on the task's training rows: set the task")
     max_length = cfg.max_length or (task.default_max_length if task else 128)
     out = prepare_output_dir(cfg.out)
     (out / ONNX_FILE).unlink(missing_ok=True)
@@ -240,32 +244,34 @@ def _quantize_ort(cfg: QuantizeConfig, start: float, progress: bool) -> Manifest
 
 
 def _accuracy_aware(q: OrtQuantizer, cfg: QuantizeConfig, task, src: Path, dst: Path, max_length: int) -> dict:
-    """Keep the most sensitive nodes in float, as few as needed to meet the tolerance."""
+    """Keep the most sensitive nodes in float, as few as needed to meet the tolerance on the tuning rows."""
+    from pipeline.data import load_glue
+    from pipeline.data.split import carve_validation
+
     folder = Path(cfg.model)
-    dev = task_examples(task, cfg.glue_dir, limit=cfg.eval_examples)
-    if any(ex.label is None for ex in dev):
-        raise BertforgeError(f"the dev split of {task.name} has no labels to score against")
-    base_logits = _logits(_graph_runtime(folder, src), dev, task, max_length, cfg.batch_size)
-    base = _score(task, base_logits, dev)
+    train = load_glue(task.name, "train", cfg.glue_dir)
+    _, tune = carve_validation(train, min(cfg.tune_examples, len(train) - 1), cfg.seed)
+    base_logits = _logits(_graph_runtime(folder, src), tune, task, max_length, cfg.batch_size)
+    base = _score(task, base_logits, tune)
     work = dst.parent / (dst.name + ".try.onnx")
 
     def score_of(exclude) -> float:
         q.build(work, exclude=exclude)
-        return _score(task, _logits(_graph_runtime(folder, work), dev, task, max_length, cfg.batch_size), dev)
+        return _score(task, _logits(_graph_runtime(folder, work), tune, task, max_length, cfg.batch_size), tune)
 
     trials = []
     full = score_of([])
     trials.append({"excluded": 0, "score": full})
-    report = {"fp32_score": base, "tolerance": cfg.tolerance, "full_int8_score": full, "excluded_nodes": [],
-              "sensitivity": {}}
+    report = {"tuned_on": f"{len(tune)} train rows carved with seed {cfg.seed} (not dev)", "fp32_score": base,
+              "tolerance": cfg.tolerance, "full_int8_score": full, "excluded_nodes": [], "sensitivity": {}}
     if _within(full, base, cfg.tolerance):
         shutil.move(work, dst)
         report.update(score=full, met=True, trials=trials)
         return report
 
-    # sensitivity: logit error with only that node quantized, on a dev subset
-    probe = dev[:cfg.sensitivity_examples]
-    probe_ref = _logits(_graph_runtime(folder, src), probe, task, max_length, cfg.batch_size)
+    # sensitivity: logit error with only that node quantized, on a subset of the tuning rows
+    probe = tune[:cfg.sensitivity_examples]
+    probe_ref = base_logits[:len(probe)]
     sensitivity = {}
     for node in q.quantizable_nodes():
         q.build(work, only=[node])
@@ -275,25 +281,28 @@ def _accuracy_aware(q: OrtQuantizer, cfg: QuantizeConfig, task, src: Path, dst: 
     report["sensitivity"] = {n: sensitivity[n] for n in ranked}
 
     # smallest k (doubling, then bisection) whose exclusion of the k most sensitive nodes meets the tolerance
+    scores = {0: full}
+
+    def trial(k: int) -> float:
+        if k not in scores:
+            scores[k] = score_of(ranked[:k])
+            trials.append({"excluded": k, "score": scores[k]})
+        return scores[k]
+
     lo, hi, k = 0, len(ranked), 1
-    scores = {0: full, len(ranked): base}  # everything in float is the fp32 model
     while k < len(ranked):
-        scores[k] = score_of(ranked[:k])
-        trials.append({"excluded": k, "score": scores[k]})
-        if _within(scores[k], base, cfg.tolerance):
+        if _within(trial(k), base, cfg.tolerance):
             hi = k
             break
         lo, k = k, k * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        scores[mid] = score_of(ranked[:mid])
-        trials.append({"excluded": mid, "score": scores[mid]})
-        lo, hi = (mid, hi) if not _within(scores[mid], base, cfg.tolerance) else (lo, mid)
+        lo, hi = (mid, hi) if not _within(trial(mid), base, cfg.tolerance) else (lo, mid)
+    score = trial(hi)  # measured, also when every node stays float (the graph still differs from the source)
     excluded = ranked[:hi]
     q.build(dst, exclude=excluded)
     work.unlink(missing_ok=True)
-    report.update(excluded_nodes=excluded, score=scores[hi], met=_within(scores[hi], base, cfg.tolerance),
-                  trials=trials)
+    report.update(excluded_nodes=excluded, score=score, met=_within(score, base, cfg.tolerance), trials=trials)
     return report
 
 

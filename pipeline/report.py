@@ -41,6 +41,8 @@ class ReportConfig:
     # Load-test sweeps (`bertforge loadtest --mode sweep --out RUN`: RUN or RUN/sweep.json, or a serving.json of
     # step rows) to show as the serving section: requests/s at the SLO, p50/p99, failures, served accuracy.
     loadtest: list[str] = field(default_factory=list)
+    # A budget search's result (RUN/budget/budget.json) to draw as the Pareto-front section.
+    budget: str | None = None
 
 
 # ---------------------------------------------------------------- numbers
@@ -531,7 +533,8 @@ def render(rep: dict, plots: dict[str, str], fmt: str) -> str:
     return env.get_template(f"report.{fmt}.j2").render(
         rep=rep, ref=rep["reference"], hw=hw, decision=decision(rep), tables=report_tables(rep),
         real_text_tables=real_text_tables(rep),
-        plots=[{"id": k, "svg": v, "caption": PLOT_CAPTIONS[k]} for k, v in plots.items()],
+        plots=[{"id": k, "svg": v, "caption": PLOT_CAPTIONS[k]} for k, v in plots.items() if k in PLOT_CAPTIONS],
+        budget_plot=plots.get("budget_pareto"),
         lineage=[{"name": a["name"], "chain": _lineage_chain(a)} for a in rep["artifacts"]],
         hw_items=hw_items, threads=threads, method=method)
 
@@ -566,6 +569,11 @@ def build_report(bench: dict[str, Any], out_dir: str | Path, cfg: ReportConfig |
         section = serving_section(cfg.loadtest)
         rep["serving"] = section["table"]
         plots["serving_p99"] = section["plot_svg"]
+    if cfg.budget:  # its own section (templates/report_budget.*.j2), not the plot grid
+        from pipeline.report_budget import budget_section, plot_pareto
+
+        rep["budget"] = budget_section(cfg.budget)
+        plots["budget_pareto"] = plot_pareto(cfg.budget, _style())
     (out / "report.md").write_text(render(rep, plots, "md"))
     (out / "report.html").write_text(render(rep, plots, "html"))
     (out / "report.json").write_text(json.dumps(_finite(rep), indent=1) + "\n")

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from pipeline.artifacts import MANIFEST, read_manifest
 from pipeline.artifacts import sha256 as _sha256
 from pipeline.bench import BenchConfig
+from pipeline.budget import BudgetConfig
 from pipeline.data import sample_data_dir
 from pipeline.distill.augment import AugmentConfig
 from pipeline.distill.config import DistillConfig, StudentSpec
@@ -133,6 +134,9 @@ class RunConfig:
     bench: BenchSection = field(default_factory=lambda: _section(BenchSection, not_shared=("seed",), texts="${task}"))
     loadtest: LoadtestSection = field(default_factory=LoadtestSection)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # budget.max_drop set: the accuracy-budget search (pipeline/budget.py) replaces the fixed
+    # distill -> prune -> export -> quantize stages; their sections still give the settings it varies from
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 # Keys of earlier run configs, so an old YAML file gets a pointer instead of "key not found".
@@ -191,6 +195,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     except Exception as e:  # omegaconf's validation errors: unknown key, wrong type
         raise BertforgeError(f"bad run config: {str(e).splitlines()[0]}") from None
     _check_wired(cfg)
+    cfg.budget.check()
     return cfg
 
 
@@ -297,15 +302,22 @@ class Run:
         if not self.dry_run:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if cfg.budget.max_drop is not None and (cfg.general.enabled or cfg.augment.enabled or cfg.distill.distilled):
+            raise BertforgeError("the budget search distils its own students: turn off general, augment and "
+                                 "distill.distilled")
         made: dict[str, Path] = {}
         made["teacher"] = self.teacher()
         general = self.general_distillation() if cfg.general.enabled else None
         train_file = self.augment() if cfg.augment.enabled else None
-        made["student"] = self.task_distillation(made["teacher"], general, train_file)
-        made["pruned"] = self.prune(made["student"], made["teacher"]) if cfg.prune.enabled else made["student"]
-        made["onnx"] = self.export(made["pruned"])
-        final = final_stage_name(cfg.quantize.mode)
-        made[final] = self.quantize(made["onnx"], final)
+        if cfg.budget.max_drop is not None:
+            final = "chosen"
+            made[final] = self.budget(made["teacher"])
+        else:
+            made["student"] = self.task_distillation(made["teacher"], general, train_file)
+            made["pruned"] = self.prune(made["student"], made["teacher"]) if cfg.prune.enabled else made["student"]
+            made["onnx"] = self.export(made["pruned"])
+            final = final_stage_name(cfg.quantize.mode)
+            made[final] = self.quantize(made["onnx"], final)
         loadtest = self.loadtest(made[final]) if cfg.loadtest.enabled else None
         if cfg.bench.enabled:
             bench = self.bench(made, final)
@@ -405,6 +417,31 @@ class Run:
 
         return self.stage(name, config, [str(model)], work, wired=("out", "model"))
 
+    def budget(self, teacher: Path) -> Path:
+        """The accuracy-budget search. Not a fingerprinted stage: the search caches each candidate itself
+        (RUN/budget/search.json), so a changed budget re-chooses among the candidates already built."""
+        from pipeline.budget import SearchInputs, run_search
+
+        cfg, folder = self.cfg, self.out / "budget"
+        if self.dry_run:
+            self.plan["budget"] = "search (built candidates reused)"
+            self._pending.append(folder)
+            return folder / "chosen"
+        inputs = SearchInputs(
+            out=folder, task=cfg.task, teacher=teacher, glue_dir=self.glue_dir, seed=cfg.seed, threads=cfg.threads,
+            max_length=cfg.max_length,
+            distill=_library(DistillConfig, cfg.distill, out=WIRED, teacher=str(teacher), stage="task"),
+            prune=_library(PruneConfig, cfg.prune, out=WIRED, model=WIRED),
+            export=_library(ExportConfig, cfg.export, out=WIRED, model=WIRED),
+            quantize=_library(QuantizeConfig, cfg.quantize, out=WIRED, model=WIRED))
+        print("[run] budget: searching", file=sys.stderr)
+        start = time.perf_counter()
+        result = run_search(cfg.budget, inputs, progress=self.progress)
+        self.ledger["budget"] = {"status": "done", "chosen": result["chosen"], "max_drop": cfg.budget.max_drop,
+                                 "wall_s": round(time.perf_counter() - start, 1), "built_at": time.time()}
+        self._save_ledger()
+        return folder / "chosen"
+
     def bench(self, made: dict[str, Path], final: str) -> Path:
         from pipeline.bench import ArtifactSpec, benchmark_artifacts, write_bench
 
@@ -445,16 +482,18 @@ class Run:
         from pipeline.report import build_report
 
         sweeps = [str(loadtest / "sweep.json")] if loadtest is not None and self.cfg.loadtest.mode == "sweep" else []
+        budget = self.out / "budget" / "budget.json"
         config = dataclasses.replace(self.cfg.report, final=self.cfg.report.final or final,
                                      teacher=self.cfg.report.teacher or "teacher",
-                                     loadtest=list(self.cfg.report.loadtest) + sweeps)
+                                     loadtest=list(self.cfg.report.loadtest) + sweeps,
+                                     budget=self.cfg.report.budget or (str(budget) if final == "chosen" else None))
 
         def work(out, resume):
             data = json.loads((bench / "bench.json").read_text())
             build_report(data, out, dataclasses.replace(config, command=data.get("command")))
 
-        return self.stage("report", config, [str(bench / "bench.json"), *config.loadtest], work,
-                          done_file="report.html", wired=("command", "loadtest"))
+        return self.stage("report", config, [str(bench / "bench.json"), *config.loadtest, config.budget], work,
+                          done_file="report.html", wired=("command", "loadtest", "budget"))
 
 
 def serve_and_load(model: Path, out: Path, lt: LoadtestSection, task: str, glue_dir: str | None,

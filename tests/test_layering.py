@@ -10,18 +10,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = {"pipeline.finetune", "pipeline.distill", "pipeline.prune", "pipeline.export", "pipeline.quantize"}
+STAGES = {"pipeline.finetune", "pipeline.distill", "pipeline.prune", "pipeline.export", "pipeline.quantize",
+          "pipeline.vocab"}
 LAYERS = [
     {"pipeline.errors", "pipeline.settings", "pipeline.providers", "pipeline.atomic"},
     {"pipeline.artifacts"},  # manifests and their checks: every loader verifies what it loads
     {"pipeline.data"},
     {"pipeline.models", "pipeline.modeling_pruned_bert"},
     {"pipeline.training", "pipeline.tracking"},
-    {"pipeline.losses"},
+    {"pipeline.losses", "pipeline.capture"},
     {"pipeline.inference", "pipeline.onnx_runtime", "pipeline.evaluate", "pipeline.onnx_utils"},
     STAGES,
-    {"pipeline.run", "pipeline.bench", "pipeline.bench_text", "pipeline.report", "pipeline.report_serving",
-     "pipeline.report_real_text", "pipeline.baseline"},
+    {"pipeline.run", "pipeline.budget", "pipeline.bench", "pipeline.bench_text", "pipeline.report",
+     "pipeline.report_serving", "pipeline.report_real_text", "pipeline.report_budget", "pipeline.baseline"},
     {"pipeline.cli", "serving"},
 ]
 

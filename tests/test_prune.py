@@ -10,9 +10,12 @@ from transformers import AutoModelForSequenceClassification
 from pipeline.cli import main
 from pipeline.data import Collator, EncodedDataset, eval_loader, load_glue
 from pipeline.errors import BertforgeError
+from pipeline.losses import attention_loss
 from pipeline.models import count_parameters, load_tokenizer
 from pipeline.models import load_model
-from pipeline.prune import PruneConfig, ffn_sizes, head_counts, prune, select_units, unit_importance
+from pipeline.capture import ScoreCapture, run_with_internals
+from pipeline.prune import (PruneConfig, ffn_sizes, head_counts, intermediate_loss_fn, kept_heads, prune,
+                            prune_structured, recovery_plan, select_units, step_counts, unit_importance)
 from pipeline.training import LoopConfig
 
 
@@ -113,3 +116,101 @@ def test_cli_bad_inputs(tiny_bert, sst2_dir, tmp_path, capsys):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     assert main(["prune", "--model", str(broken), "--out", str(tmp_path / "o"), "--heads", "0.5", *common]) == 2
     assert "cannot load model weights" in capsys.readouterr().err
+
+
+# -- recovery by transformer distillation, iterative pruning ---------------------------------------
+
+def test_recovery_plan_spends_the_same_budget():
+    for recovery, steps in (("prediction", 1), ("prediction", 3), ("transformer", 1), ("transformer", 3)):
+        cfg = PruneConfig(model="m", task="sst2", out="o", heads=0.5, recover_epochs=2, recovery=recovery, steps=steps)
+        plan = recovery_plan(cfg, steps_per_epoch=7)
+        assert sum(p.optimizer_steps for p in plan) == 14
+        assert plan[-1].loss == "prediction" and plan[-1].step == steps
+        assert [p.step for p in plan] == sorted(p.step for p in plan)
+    assert [p.name for p in recovery_plan(PruneConfig(model="m", task="sst2", out="o", recover_epochs=1,
+                                                      recovery="transformer", steps=2), 10)] == \
+        ["step1-transformer", "step2-transformer", "step2-prediction"]
+
+
+def test_steps_remove_exactly_what_one_step_removes():
+    for per_layer in (False, True):
+        one = step_counts([12, 12, 12], 0.5, 1, 1, per_layer)
+        three = [step_counts([12, 12, 12], 0.5, 3, k, per_layer) for k in (1, 2, 3)]
+        total = [sum(c) for c in zip(*three)] if per_layer else sum(three)
+        assert total == one
+    assert step_counts([1536] * 3, 0.5, 3, 1, False) == 768
+
+
+def test_intermediate_loss_matches_each_kept_head_to_its_own_teacher_head(tiny_bert, sst2_dir):
+    """Right after cutting heads of the last layer the kept heads' scores are untouched: their attention
+    loss against the same heads of the unpruned model is zero (head-averaged maps would differ), while
+    the layer's output has moved."""
+    teacher = load_model(str(tiny_bert)).eval()
+    student = load_model(str(tiny_bert)).eval()
+    prune_structured(student, [[], [0, 2]], [[], []])  # the last layer keeps heads 1 and 3
+    assert kept_heads(student.config, 0, 4) == [0, 1, 2, 3] and kept_heads(student.config, 1, 4) == [1, 3]
+    tokenizer = load_tokenizer(tiny_bert)
+    batch = next(iter(eval_loader(EncodedDataset(load_glue("sst2", "dev", sst2_dir)[:8], tokenizer, 32),
+                                  Collator(tokenizer, False), 8)))
+    with torch.no_grad(), ScoreCapture(student) as s_cap, ScoreCapture(teacher) as t_cap:
+        parts = intermediate_loss_fn(student, teacher, s_cap, t_cap)(dict(batch))
+        s = run_with_internals(student, dict(batch), s_cap, logits=False)
+        t = run_with_internals(teacher, dict(batch), t_cap, logits=False)
+    averaged = attention_loss(s.scores[2], t.scores[2], batch["attention_mask"])  # no head correspondence
+    assert float(parts["attention"]) < 1e-6 * float(averaged)
+    assert float(parts["hidden"]) > 1e-6
+    unpruned = load_model(str(tiny_bert)).eval()
+    with torch.no_grad(), ScoreCapture(unpruned) as s_cap, ScoreCapture(teacher) as t_cap:
+        same = intermediate_loss_fn(unpruned, teacher, s_cap, t_cap)(dict(batch))
+    assert float(same["loss"]) < 1e-10
+
+
+def test_transformer_recovery_and_iterative_pruning(tiny_bert, sst2_dir, tmp_path):
+    loop = LoopConfig(epochs=1, batch_size=8, max_steps_per_epoch=4, checkpoint_every=0)
+    common = dict(heads=0.5, ffn=0.5, recover_epochs=1, loop=loop, max_train_examples=64)
+    one = prune(_cfg(tiny_bert, tmp_path / "one", sst2_dir, **common), progress=False)
+    tr = prune(_cfg(tiny_bert, tmp_path / "tr", sst2_dir, recovery="transformer", **common), progress=False)
+    it = prune(_cfg(tiny_bert, tmp_path / "it", sst2_dir, recovery="transformer", steps=2, eval_dev=False, **common),
+               progress=False)
+    assert "dev" in tr.metrics and "dev_before_recovery" in tr.metrics
+    assert it.metrics == {}  # no dev scoring asked for
+    for m in (tr, it):
+        assert sum(m.params["after"]["heads"]) == sum(one.params["after"]["heads"]) == 4
+        assert sum(m.params["after"]["ffn"]) == sum(one.params["after"]["ffn"]) == 64
+        assert m.params["recovery_examples"] == one.params["recovery_examples"] == 4 * 8  # the same budget
+    assert [s["step"] for s in it.params["pruning_steps"]] == [1, 2]
+    assert sum(it.params["pruning_steps"][0]["heads"]) == 6  # half of the heads to remove, in the first step
+    for name, m in (("tr", tr), ("it", it)):
+        model = load_model(str(tmp_path / name))
+        assert head_counts(model) == m.params["after"]["heads"] and ffn_sizes(model) == m.params["after"]["ffn"]
+        removed = {int(k): sorted(v) for k, v in model.config.pruned_heads.items() if v}
+        assert removed == {int(k): v for k, v in m.params["removed_heads"].items()}
+        assert not (tmp_path / name / "checkpoints").exists()
+
+
+def test_iterative_pruning_resumes_after_a_finished_phase(tiny_bert, sst2_dir, tmp_path, monkeypatch):
+    """Interrupted before its last phase, a resumed run ends with the same weights as an uninterrupted one."""
+    import pipeline.prune as prune_module
+
+    loop = LoopConfig(epochs=1, batch_size=8, max_steps_per_epoch=3, checkpoint_every=0)
+    common = dict(heads=0.5, ffn=0.5, recover_epochs=1, loop=loop, max_train_examples=48, recovery="transformer", steps=2)
+    prune(_cfg(tiny_bert, tmp_path / "whole", sst2_dir, **common), progress=False)
+
+    real = prune_module.recover
+
+    def interrupted(cfg, phase, *args, **kw):
+        if phase.name == "step2-prediction":
+            raise KeyboardInterrupt
+        return real(cfg, phase, *args, **kw)
+
+    monkeypatch.setattr(prune_module, "recover", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune(_cfg(tiny_bert, tmp_path / "cut", sst2_dir, **common), progress=False)
+    with pytest.raises(BertforgeError, match="unfinished run"):
+        prune(_cfg(tiny_bert, tmp_path / "cut", sst2_dir, **common), progress=False)
+    monkeypatch.setattr(prune_module, "recover", real)
+    m = prune(_cfg(tiny_bert, tmp_path / "cut", sst2_dir, **common), resume=True, progress=False)
+    whole, cut = load_model(str(tmp_path / "whole")), load_model(str(tmp_path / "cut"))
+    for (name, a), b in zip(whole.state_dict().items(), cut.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert m.params["recovery_examples"] == json.loads((tmp_path / "whole" / "bertforge.json").read_text())["params"]["recovery_examples"]

@@ -13,7 +13,7 @@ import sys
 
 from pipeline.errors import BertforgeError
 
-COMMANDS = ["finetune", "eval", "distill", "augment", "prune", "quantize", "export", "run", "serve",
+COMMANDS = ["finetune", "eval", "distill", "augment", "prune", "trim-vocab", "quantize", "export", "run", "serve",
             "loadtest", "bench", "report"]
 
 
@@ -24,7 +24,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS if only is None else [only]:
         try:
-            module = importlib.import_module(f"pipeline.cli.{name}_cmd")
+            module = importlib.import_module(f"pipeline.cli.{name.replace('-', '_')}_cmd")
         except ModuleNotFoundError as e:
             if e.name and e.name.split(".")[0] in ("pipeline", "serving"):
                 raise

@@ -17,5 +17,5 @@ def run(args):
     configure_tracking(args)
     m = prune(config_from_args(PruneConfig, args), resume=args.resume)
     print_json({"out": args.out, "params_before": m.params["before"]["params"], "params_after": m.num_parameters,
-                "heads": m.params["after"]["heads"], "ffn": m.params["after"]["ffn"], "dev": m.metrics["dev"],
-                "dev_before_recovery": m.metrics["dev_before_recovery"]})
+                "heads": m.params["after"]["heads"], "ffn": m.params["after"]["ffn"], "dev": m.metrics.get("dev"),
+                "dev_before_recovery": m.metrics.get("dev_before_recovery")})

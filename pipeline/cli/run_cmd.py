@@ -10,6 +10,12 @@ def add_parser(sub):
                    help="override config values, e.g. --set task=mrpc distill.prediction_epochs=1 out=runs/mrpc")
     p.add_argument("--dry-run", action="store_true", help="only say which stages would be rebuilt and which skipped")
     add_tracking(p)
+    b = p.add_argument_group("accuracy budget (the `budget:` section; docs/budget.md)")
+    b.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="search the compression settings for the fastest artifact within POINTS of the teacher")
+    b.add_argument("--objective", choices=("latency", "size"), help="what the search minimises (default: latency)")
+    b.add_argument("--max-latency-ms", type=float, metavar="MS", help="optional ceiling on batch-1 latency")
+    b.add_argument("--max-size-mb", type=float, metavar="MB", help="optional ceiling on the model file size")
     p.set_defaults(func=run)
 
 
@@ -17,7 +23,9 @@ def run(args):
     from pipeline.artifacts import read_manifest
     from pipeline.run import load_run_config, plan_pipeline, run_pipeline
 
-    cfg = load_run_config(args.config, args.set)
+    flags = {"max_drop": args.max_drop, "objective": args.objective, "max_latency_ms": args.max_latency_ms,
+             "max_size_mb": args.max_size_mb}
+    cfg = load_run_config(args.config, [*args.set, *(f"budget.{k}={v}" for k, v in flags.items() if v is not None)])
     if args.dry_run:
         print_json(plan_pipeline(cfg))
         return
@@ -32,4 +40,6 @@ def run(args):
                                  size_mb=round(manifest.size_bytes / 1e6, 1))
     if "report" in made:
         summary["report"]["html"] = str(made["report"] / "report.html")
+    if cfg.budget.max_drop is not None:
+        summary["budget"] = {"json": str(cfg.out) + "/budget/budget.json"}
     print_json(summary)

@@ -1,0 +1,547 @@
+"""Recipe: the accuracy-budget search. The fastest (or smallest) artifact whose score stays within
+`max_drop` points of the teacher's.
+
+The compression settings form a tree, one level per step, cheap steps last:
+
+    student depth -> head/FFN pruning -> vocabulary -> ONNX graph (fused or plain) -> quantization
+
+Each node is a folder built from its parent's, so candidates that share a prefix share its work: one
+student per depth, every pruning level of a student from one importance ranking, every quantization
+variant from one exported graph. A leaf (an ONNX graph) is a candidate: it is scored on the validation
+split and its batch-1 latency and size are measured. A step is a small `Step` (its options, a folder label,
+a build function), so a new searched setting is one more entry in STEPS.
+
+Selection never sees the dev set it reports. `validation_examples` training rows, carved by the seed,
+form the selection folder (`pipeline.data.split`): its `train` is what the students and the pruning
+recovery train on, its `dev` the carved rows on which their best checkpoints are kept and every candidate
+is scored. The chosen artifact is scored once on the real dev split afterwards; both scores are reported.
+
+Everything is cached in `RUN/budget/search.json` by fingerprint (the step's settings and its parent's), so
+an interrupted search resumes where it stopped (a half-trained student from its checkpoint) and another
+budget over the same settings reuses every candidate: only the choice changes. A PyTorch node that already
+misses the budget by more than `slack` points is not compressed further (its variants are recorded as
+skipped); a larger budget later builds them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import MANIFEST, Manifest, read_manifest, write_manifest
+from pipeline.artifacts import sha256 as _sha256
+from pipeline.errors import BertforgeError
+from pipeline.settings import setting
+
+QUANT_OPTIONS = ("fp32", "dynamic", "dynamic-per-channel", "static", "static-per-channel", "fallback")
+GRAPH_OPTIONS = ("fused", "plain")
+VOCAB_OPTIONS = ("full", "trimmed")
+
+
+@dataclass
+class BudgetConfig:
+    max_drop: float | None = setting(None, "largest allowed loss against the teacher, in points of the task score "
+                                           "(x100); null: no search, the fixed stages run")
+    objective: str = setting("latency", "keep the lowest batch-1 latency or the smallest size on disk",
+                             choices=("latency", "size"))
+    max_latency_ms: float | None = setting(None, "optional ceiling on batch-1 latency (ms)")
+    max_size_mb: float | None = setting(None, "optional ceiling on the model file size (MB)")
+    depths: list[int] = setting(help="student depths: layers copied from the teacher, each distilled (the teacher's "
+                                     "own depth: the teacher itself, not distilled)",
+                                factory=lambda: [2, 3, 4])
+    heads: list[float] = setting(help="fractions of attention heads to prune (0: none)", factory=lambda: [0.0, 0.5])
+    ffn: list[float] = setting(help="fractions of FFN neurons to prune (0: none)", factory=lambda: [0.0, 0.5])
+    prune_grid: bool = setting(True, "every heads x ffn pair; false: pair them in order (heads[i], ffn[i])")
+    vocab: list[str] = setting(help="full | trimmed (the word pieces of the training rows, pipeline/vocab.py)",
+                               factory=lambda: ["full", "trimmed"])
+    vocab_reserve: int = setting(1000, "trimmed: pieces kept beyond those the training rows use")
+    graphs: list[str] = setting(help="fused (onnxruntime BERT fusions) | plain", factory=lambda: list(GRAPH_OPTIONS))
+    quantize: list[str] = setting(help=f"{' | '.join(QUANT_OPTIONS)} (fallback: dynamic int8 with the most "
+                                       "sensitive nodes kept float)",
+                                  factory=lambda: ["fp32", "dynamic", "static", "static-per-channel", "fallback"])
+    fallback_tolerance: float = setting(0.005, "fallback: allowed relative score drop of the int8 graph")
+    validation_examples: int = setting(1000, "training rows carved (by the seed) as the selection split")
+    validation_min_words: int = setting(0, "carve only training rows of at least this many words (SST-2's train "
+                                           "is mostly short phrases, its dev whole sentences: 10 makes them alike)")
+    max_train_examples: int | None = setting(None, "training rows left for the students and pruning (default: all)")
+    slack: float = setting(1.0, "a PyTorch node missing the budget by more points than this is not compressed further")
+    latency_seq_len: int = setting(128, "sequence length of the batch-1 latency")
+    latency_seconds: float = setting(1.0, "measured seconds per candidate (round robin with the others)")
+
+    def check(self) -> None:
+        if self.max_drop is not None and self.max_drop < 0:
+            raise BertforgeError(f"budget.max_drop must be >= 0 points, got {self.max_drop}")
+        for name, allowed in (("quantize", QUANT_OPTIONS), ("graphs", GRAPH_OPTIONS), ("vocab", VOCAB_OPTIONS)):
+            bad = [v for v in getattr(self, name) if v not in allowed]
+            if bad or not getattr(self, name):
+                raise BertforgeError(f"budget.{name}: choose from {', '.join(allowed)} (got {bad or 'nothing'})")
+        if not self.depths or min(self.depths) < 1:
+            raise BertforgeError("budget.depths: one or more layer counts >= 1")
+        if not self.prune_grid and len(self.heads) != len(self.ffn):
+            raise BertforgeError("budget.prune_grid false pairs heads[i] with ffn[i]: give lists of one length")
+        for name in ("heads", "ffn"):
+            if not getattr(self, name) or not all(0 <= f < 1 for f in getattr(self, name)):
+                raise BertforgeError(f"budget.{name}: fractions in [0, 1)")
+
+
+@dataclass
+class SearchInputs:
+    """What the run hands the search: the teacher, the data, and each stage's library config (its
+    `out`, `model`, `teacher` and `glue_dir` are set per node)."""
+    out: Path
+    task: str
+    teacher: Path
+    glue_dir: str
+    seed: int
+    distill: Any
+    prune: Any
+    export: Any
+    quantize: Any
+    threads: int | None = None
+    max_length: int | None = None
+
+
+@dataclass
+class Step:
+    """One searched setting: its options, the folder label of an option, and how a node is built from its
+    parent folder (returning the parent itself when the option changes nothing)."""
+    name: str
+    options: Callable[[BudgetConfig], list]
+    label: Callable[[Any], str]
+    build: Callable[["Search", Path, Any, Path], Path]
+    applies: Callable[[dict], bool] = lambda chosen: True  # on the settings chosen so far
+    torch_output: bool = True  # the node is a PyTorch model (scored before its subtree is built)
+
+
+# -- the steps ------------------------------------------------------------------------------------
+
+def _build_student(s: "Search", parent: Path, depth: int, out: Path) -> Path:
+    from pipeline.distill import distill
+    from pipeline.distill.config import StudentSpec
+    from pipeline.models import load_config
+
+    if depth >= load_config(s.inputs.teacher).num_hidden_layers:
+        return s.inputs.teacher  # as deep as the teacher: the teacher itself, compressed by the later steps
+    cfg = dataclasses.replace(s.inputs.distill, out=str(out), teacher=str(s.inputs.teacher), stage="task",
+                              glue_dir=str(s.data_dir), task=s.inputs.task, train_file=None,
+                              student=StudentSpec(init_from_teacher=str(depth)))
+    distill(cfg, resume=(out / "checkpoints").is_dir(), progress=s.progress)
+    return out
+
+
+def _build_pruned(s: "Search", parent: Path, ratios: tuple[float, float], out: Path) -> Path:
+    from pipeline.prune import prune
+
+    heads, ffn = ratios
+    if not heads and not ffn:
+        return parent
+    cfg = dataclasses.replace(s.inputs.prune, model=str(parent), out=str(out), glue_dir=str(s.data_dir),
+                              task=s.inputs.task, heads=heads, ffn=ffn, target_params=None,
+                              eval_dev=False)  # the search scores every node on the validation rows itself
+    prune(cfg, resume=(out / "checkpoints").is_dir(), progress=s.progress, importance=s.importance(parent, cfg))
+    return out
+
+
+def _build_vocab(s: "Search", parent: Path, option: str, out: Path) -> Path:
+    from pipeline.vocab import trim_vocab
+
+    if option == "full":
+        return parent
+    # the pieces of every training row outside the validation split (not only the rows the students train
+    # on: trimming costs no training); [UNK] losses are reported on the validation rows
+    trim_vocab(parent, out, s.rows_outside_validation(), reserve=s.cfg.vocab_reserve, dev=s.validation,
+               task=s.task.name)
+    return out
+
+
+def _build_graph(s: "Search", parent: Path, option: str, out: Path) -> Path:
+    from pipeline.export import export
+
+    export(dataclasses.replace(s.inputs.export, model=str(parent), out=str(out), glue_dir=str(s.data_dir),
+                               task=s.inputs.task, optimize="O2" if option == "fused" else "none", device="cpu",
+                               evaluate_dev=False), progress=False)
+    return out
+
+
+def _build_quant(s: "Search", parent: Path, option: str, out: Path) -> Path:
+    from pipeline.quantize import quantize
+
+    if option == "fp32":
+        return parent
+    mode = "static" if option.startswith("static") else "dynamic"
+    cfg = dataclasses.replace(s.inputs.quantize, model=str(parent), out=str(out), glue_dir=str(s.data_dir),
+                              task=s.inputs.task, mode=mode, per_channel=option.endswith("per-channel"),
+                              tolerance=s.cfg.fallback_tolerance if option == "fallback" else None,
+                              eval_examples=64, seed=s.inputs.seed)
+    quantize(cfg, progress=False)
+    return out
+
+
+def _ratio_label(r: tuple[float, float]) -> str:
+    return f"h{round(100 * r[0])}-f{round(100 * r[1])}"
+
+
+STEPS: list[Step] = [
+    Step("depth", lambda c: list(c.depths), lambda d: f"L{d}", _build_student),
+    Step("prune", lambda c: [(h, f) for h in c.heads for f in c.ffn] if c.prune_grid else list(zip(c.heads, c.ffn)),
+         _ratio_label, _build_pruned),
+    Step("vocab", lambda c: list(c.vocab), lambda v: f"v-{v}", _build_vocab),
+    Step("graph", lambda c: list(c.graphs), str, _build_graph, torch_output=False),
+    # static QDQ needs the plain graph; ORT fuses its QDQ pairs itself
+    Step("quantize", lambda c: list(c.quantize), str, _build_quant,
+         applies=lambda chosen: not (chosen["quantize"].startswith("static") and chosen["graph"] == "fused"),
+         torch_output=False),
+]
+
+
+# -- the search -----------------------------------------------------------------------------------
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _points(score: float | None) -> float | None:
+    return None if score is None else round(100 * score, 3)
+
+
+class Search:
+    def __init__(self, cfg: BudgetConfig, inputs: SearchInputs, progress: bool = True):
+        from pipeline.data import get_task
+
+        cfg.check()
+        if cfg.max_drop is None:
+            raise BertforgeError("the budget search needs budget.max_drop (points)")
+        self.cfg, self.inputs, self.progress = cfg, inputs, progress
+        self.task = get_task(inputs.task)
+        self.max_length = inputs.max_length or self.task.default_max_length
+        self.root = Path(inputs.out)
+        self.data_dir = self.root / "selection-data"
+        self.nodes_dir = self.root / "candidates"
+        self.state_path = self.root / "search.json"
+        self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.state.setdefault("nodes", {})
+        self._importance: dict[str, Any] = {}
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(f"[budget] {msg}", file=sys.stderr, flush=True)
+
+    def save(self) -> None:
+        from pipeline.atomic import atomic_write_json
+
+        atomic_write_json(self.state_path, self.state, indent=1, default=str)
+
+    # -- the selection split and the teacher --------------------------------------------------
+    def prepare(self) -> None:
+        from pipeline.data import load_glue
+        from pipeline.data.split import write_selection_dir
+
+        wanted = {"task": self.task.name, "glue_train_sha256": _sha256(self._train_file()),
+                  "validation_examples": self.cfg.validation_examples, "seed": self.inputs.seed,
+                  "max_train": self.cfg.max_train_examples, "min_words": self.cfg.validation_min_words}
+        split = self.state.get("split", {})
+        if split.get("wanted") != wanted or not (self.data_dir / self.task.folder / "dev.tsv").is_file():
+            info = write_selection_dir(self.task.name, self.inputs.glue_dir, self.data_dir,
+                                       self.cfg.validation_examples, self.inputs.seed, self.cfg.max_train_examples,
+                                       self.cfg.validation_min_words)
+            self.state = {"nodes": {}, "split": {"wanted": wanted, **info}}  # other data: every node is stale
+            self.save()
+        self.validation = load_glue(self.task.name, "dev", self.data_dir)
+        teacher_id = _input_id(self.inputs.teacher)
+        if self.state.get("teacher", {}).get("id") != teacher_id:
+            self.log("scoring the teacher on the validation split")
+            self.state["teacher"] = {"id": teacher_id, "path": str(self.inputs.teacher),
+                                     "validation": self.score(self.inputs.teacher)}
+            self.save()
+
+    def _train_file(self) -> Path:
+        from pipeline.data import sample_data_dir
+
+        return Path(self.inputs.glue_dir or sample_data_dir()) / self.task.folder / f"{self.task.splits['train']}.tsv"
+
+    def rows_outside_validation(self) -> list:
+        from pipeline.data import load_glue
+        from pipeline.data.split import carve_validation
+
+        train = load_glue(self.task.name, "train", self.inputs.glue_dir)
+        return carve_validation(train, self.cfg.validation_examples, self.inputs.seed, self.cfg.validation_min_words)[0]
+
+    def score(self, folder: Path) -> dict:
+        """Metrics on the carved validation rows (never dev), once per artifact."""
+        from pipeline.evaluate import evaluate
+
+        scores = self.state.setdefault("validation_scores", {})
+        key = _input_id(folder)
+        if key not in scores:
+            scores[key] = evaluate(str(folder), self.task.name, examples=self.validation,
+                                   max_length=self.max_length, progress=False).metrics
+        return scores[key]
+
+    def importance(self, student: Path, cfg) -> tuple:
+        """One head/FFN ranking per student, every pruning level cut from it (kept on disk for a resume)."""
+        import torch
+
+        from pipeline.data import load_glue
+        from pipeline.models import load_model, load_tokenizer
+        from pipeline.prune import rank_units
+
+        # named for the student's content and the scoring settings: a rebuilt student is never cut by a stale ranking
+        tag = _key(_input_id(student), cfg.importance_examples, cfg.importance_batch_size, cfg.loop.seed, self.max_length)
+        path = self.nodes_dir / f"{student.name}.{tag}.importance.pt"
+        if str(path) not in self._importance:
+            if path.is_file():
+                saved = torch.load(path, weights_only=True)
+                self._importance[str(path)] = (saved["heads"], saved["ffn"])
+            else:
+                train = load_glue(self.task.name, "train", self.data_dir)
+                heads, ffn = rank_units(cfg, load_model(student), load_tokenizer(student), self.task, train,
+                                        self.max_length)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"heads": heads, "ffn": ffn}, path)
+                self._importance[str(path)] = (heads, ffn)
+        return self._importance[str(path)]
+
+    # -- building -------------------------------------------------------------------------------
+    def teacher_points(self) -> float:
+        return _points(self.state["teacher"]["validation"]["score"])
+
+    def drop_of(self, metrics: dict) -> float:
+        return round(self.teacher_points() - _points(metrics["score"]), 3)
+
+    def stage_settings(self, step: Step) -> dict:
+        """The library settings a step's nodes depend on (besides the option): a change rebuilds them."""
+        def plain(c, *drop):
+            return {k: v for k, v in asdict(c).items() if k not in ("out", "model", "teacher", "glue_dir", *drop)}
+
+        return {"depth": lambda: plain(self.inputs.distill, "num_threads", "eval_batch_size"),
+                "prune": lambda: plain(self.inputs.prune, "num_threads", "eval_batch_size", "eval_dev"),
+                "vocab": lambda: {"reserve": self.cfg.vocab_reserve},
+                "graph": lambda: plain(self.inputs.export),
+                "quantize": lambda: {**plain(self.inputs.quantize), "fallback_tolerance": self.cfg.fallback_tolerance},
+                }[step.name]()
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self.prepare()
+        leaves: list[dict] = []
+        skipped: list[dict] = []
+        self._expand(0, self.inputs.teacher, self.state["teacher"]["id"], {}, [], leaves, skipped)
+        self.measure_latency(leaves)
+        result = self.choose(leaves)
+        result["skipped"] = skipped
+        result["wall_s_this_run"] = round(time.perf_counter() - start, 1)
+        self.state.setdefault("wall_s_total", 0.0)
+        self.state["wall_s_total"] = round(self.state["wall_s_total"] + result["wall_s_this_run"], 1)
+        result["wall_s_total"] = self.state["wall_s_total"]
+        self.save()
+        return result
+
+    def _expand(self, level: int, parent: Path, parent_key: str, chosen: dict, labels: list[str],
+                leaves: list[dict], skipped: list[dict], hopeless: str | None = None) -> None:
+        """Build (or take from the cache) every node below `parent`. Under a `hopeless` node (a PyTorch model
+        already out of the budget by more than `slack`) nothing new is built; what earlier runs built still counts."""
+        if level == len(STEPS):
+            leaves.append(self.state["nodes"][parent_key])
+            return
+        step = STEPS[level]
+        settings = self.stage_settings(step)
+        for option in step.options(self.cfg):
+            here = {**chosen, step.name: option}
+            if not step.applies(here):
+                continue
+            names = labels + [step.label(option)]
+            key = _key(parent_key, step.name, option, settings)
+            if hopeless and not self._is_built(key):
+                skipped.append({"node": "__".join(names), "why": hopeless})
+                continue
+            node = self.build(step, parent, option, key, names, here)
+            why = hopeless
+            if why is None and step.torch_output:
+                miss = self.drop_of(node["validation"]) - self.cfg.max_drop
+                if miss > self.cfg.slack:
+                    why = (f"{'__'.join(names)} is {miss:.2f} points over the budget as a PyTorch model "
+                           f"(slack {self.cfg.slack:g}): not compressed further")
+            self._expand(level + 1, Path(node["folder"]), key, here, names, leaves, skipped, why)
+
+    def _is_built(self, key: str) -> bool:
+        node = self.state["nodes"].get(key)
+        return bool(node and node.get("status") == "done" and (Path(node["folder"]) / "config.json").is_file())
+
+    def build(self, step: Step, parent: Path, option, key: str, names: list[str], chosen: dict) -> dict:
+        node = self.state["nodes"].get(key)
+        if self._is_built(key):
+            return node
+        out = self.nodes_dir / "__".join(names)
+        if out.exists() and (node is None or not (out / "checkpoints").is_dir()):
+            shutil.rmtree(out)  # a node of other settings, or a killed one with nothing to resume from
+        self.log(f"building {out.name}")
+        self.state["nodes"][key] = node = {"name": out.name, "status": "running", "settings": dict(chosen)}
+        self.save()
+        t0 = time.perf_counter()
+        folder = step.build(self, parent, option, out)
+        node.update(folder=str(folder), build_s=round(time.perf_counter() - t0, 1),
+                    same_as_parent=folder == parent, built_at=time.time())
+        node["validation"] = self.score(folder)
+        if not step.torch_output:
+            node["size_bytes"] = _model_bytes(folder)
+        node["status"] = "done"
+        self.save()
+        return node
+
+    # -- measuring and choosing -----------------------------------------------------------------
+    def measure_latency(self, leaves: list[dict]) -> None:
+        """Batch-1 latency of every candidate not yet measured, side by side (round robin)."""
+        from pipeline.bench import BenchConfig, make_inputs, run_grid_point, usable_cores
+        from pipeline.inference import load_runtime
+
+        todo = [n for n in leaves if n.get("latency_ms") is None]
+        if not todo:
+            return
+        self.log(f"measuring batch-1 latency of {len(todo)} candidates")
+        threads = self.inputs.threads or usable_cores()
+        runners, inputs = [], {}
+        for n in todo:
+            runtime = load_runtime(n["folder"], "cpu", threads)
+            runners.append((n["name"], runtime))
+            seq = min(self.cfg.latency_seq_len, runtime.config.max_position_embeddings)
+            inputs[n["name"]] = make_inputs(runtime.config.vocab_size, 1, seq, self.inputs.seed)
+        bench = BenchConfig(warmup=3, min_iters=10, min_seconds=self.cfg.latency_seconds, max_seconds=30,
+                            slice_seconds=0.05, threads=threads, device="cpu")
+        samples = run_grid_point(runners, inputs, "cpu", bench)
+        import numpy as np
+
+        for n in todo:
+            n["latency_ms"] = round(float(np.median(samples[n["name"]])) * 1000, 4)
+            n["latency_threads"] = threads
+        self.save()
+
+    def choose(self, leaves: list[dict]) -> dict:
+        cfg = self.cfg
+        rows = []
+        for n in leaves:
+            drop = self.drop_of(n["validation"])
+            misses = []
+            if drop > cfg.max_drop:
+                misses.append(f"drop {drop:.2f} > {cfg.max_drop:g} points")
+            if cfg.max_latency_ms is not None and n["latency_ms"] > cfg.max_latency_ms:
+                misses.append(f"latency {n['latency_ms']:.2f} > {cfg.max_latency_ms:g} ms")
+            if cfg.max_size_mb is not None and n["size_bytes"] / 1e6 > cfg.max_size_mb:
+                misses.append(f"size {n['size_bytes'] / 1e6:.2f} > {cfg.max_size_mb:g} MB")
+            rows.append({"name": n["name"], "folder": n["folder"], "settings": n["settings"],
+                         "validation_score": n["validation"]["score"], "validation_metrics": n["validation"],
+                         "validation_drop_points": drop, "latency_ms": n["latency_ms"], "size_bytes": n["size_bytes"],
+                         "build_s": n.get("build_s"), "feasible": not misses, "misses": misses})
+        order = (lambda r: (r["latency_ms"], r["size_bytes"])) if cfg.objective == "latency" else \
+            (lambda r: (r["size_bytes"], r["latency_ms"]))
+        feasible = sorted((r for r in rows if r["feasible"]), key=order)
+        front = pareto_front(rows)
+        for r in rows:
+            r["on_front"] = r["name"] in front
+        result = {"budget": asdict(cfg), "task": self.task.name, "split": self.state["split"],
+                  "teacher": {"path": self.state["teacher"]["path"],
+                              "validation_score": self.state["teacher"]["validation"]["score"]},
+                  "budget_line_validation": round((self.teacher_points() - cfg.max_drop) / 100, 6),
+                  "latency": {"batch_size": 1, "seq_len": cfg.latency_seq_len,
+                              "threads": leaves[0].get("latency_threads") if leaves else None,
+                              "note": "median of calls taken in turns with the other candidates measured in the same "
+                                      "run; candidates measured in earlier runs keep their figures"},
+                  "candidates": rows, "chosen": feasible[0]["name"] if feasible else None}
+        if not feasible:
+            best = min(rows, key=lambda r: r["validation_drop_points"], default=None)
+            result["why_none"] = (f"no candidate within {cfg.max_drop:g} points" +
+                                  (f" (the closest, {best['name']}, drops {best['validation_drop_points']:.2f})"
+                                   if best else " (every node was skipped)"))
+        return result
+
+
+def pareto_front(rows: list[dict]) -> list[str]:
+    """Names of the candidates no other one beats on both validation score and latency."""
+    front, best = [], float("-inf")
+    for r in sorted(rows, key=lambda r: (r["latency_ms"], -r["validation_score"])):
+        if r["validation_score"] > best:
+            front.append(r["name"])
+            best = r["validation_score"]
+    return front
+
+
+def _model_bytes(folder: Path) -> int:
+    from pipeline.bench import ArtifactSpec, artifact_info
+
+    return artifact_info(ArtifactSpec(folder.name, folder))["model_bytes"]
+
+
+def _input_id(path: Path) -> str:
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return _sha256(p / MANIFEST)
+    if p.is_dir():
+        return _key({str(f.relative_to(p)): _sha256(f) for f in sorted(p.rglob("*")) if f.is_file()})
+    return str(path)
+
+
+def run_search(cfg: BudgetConfig, inputs: SearchInputs, progress: bool = True) -> dict:
+    """Search, choose, publish the chosen artifact as `out/chosen` (scored once on dev), and write
+    `out/budget.json`. Raises when no candidate fits the budget (budget.json says why)."""
+    from pipeline.evaluate import evaluate
+
+    search = Search(cfg, inputs, progress)
+    result = search.run()
+    out = Path(inputs.out)
+    if result["chosen"] is None:
+        _write(out / "budget.json", result)
+        raise BertforgeError(f"budget search: {result['why_none']}; see {out / 'budget.json'}")
+    row = next(r for r in result["candidates"] if r["name"] == result["chosen"])
+    dev = {}
+    for name, folder in (("chosen", Path(row["folder"])), ("teacher", Path(inputs.teacher))):
+        cached = search.state.setdefault("dev_scores", {}).get(_input_id(folder))
+        dev[name] = cached or evaluate(str(folder), search.task.name, inputs.glue_dir, max_length=search.max_length,
+                                       progress=False).metrics
+        search.state["dev_scores"][_input_id(folder)] = dev[name]
+    search.save()
+    result["dev"] = {"chosen": dev["chosen"], "teacher": dev["teacher"],
+                     "dev_drop_points": round(_points(dev["teacher"]["score"]) - _points(dev["chosen"]["score"]), 3),
+                     "note": "scored once, after the choice; the choice used the validation split only"}
+    if row["settings"].get("vocab") == "trimmed":  # how much of dev the trimmed tokenizer spells as [UNK]
+        from pipeline.data import dev_split, load_glue
+        from pipeline.models import load_tokenizer
+        from pipeline.vocab import lost_to_unk
+
+        result["dev"]["unk"] = lost_to_unk(load_tokenizer(inputs.teacher), load_tokenizer(row["folder"]),
+                                           load_glue(search.task.name, dev_split(search.task), inputs.glue_dir))
+    chosen = _publish_chosen(Path(row["folder"]), out / "chosen", row, result)
+    result["chosen_folder"] = str(chosen)
+    _write(out / "budget.json", result)
+    return result
+
+
+def _publish_chosen(src: Path, dst: Path, row: dict, result: dict) -> Path:
+    """A copy of the chosen candidate whose manifest says how it was chosen (and on which rows)."""
+    parent = read_manifest(src)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MANIFEST, "checkpoints", "importance.pt"))
+    write_manifest(tmp, Manifest(
+        stage="budget", task=result["task"], format=parent.format if parent else "onnx",
+        precision=parent.precision if parent else "fp32", parent=str(src),
+        params={"settings": row["settings"], "max_drop_points": result["budget"]["max_drop"],
+                "objective": result["budget"]["objective"], "selection_split": result["split"],
+                "validation_drop_points": row["validation_drop_points"], "latency_ms_b1": row["latency_ms"]},
+        metrics={"dev": result["dev"]["chosen"], "validation": row["validation_metrics"]},
+        num_parameters=parent.num_parameters if parent else None, seed=result["split"]["seed"]))
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.replace(dst)
+    return dst
+
+
+def _write(path: Path, obj: dict) -> None:
+    from pipeline.atomic import atomic_write_json
+
+    atomic_write_json(path, obj, indent=1, default=str)

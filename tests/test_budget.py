@@ -1,0 +1,185 @@
+"""The accuracy-budget search on tiny models: it keeps the fastest candidate inside the budget, resumes after
+an interruption without redoing finished candidates, and never scores a choice on the dev split it reports."""
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from conftest import make_tiny_bert
+from pipeline import budget as budget_mod
+from pipeline.cli import main
+from pipeline.budget import BudgetConfig, Search, SearchInputs, run_search
+from pipeline.data import load_glue
+from pipeline.data.split import carve_validation
+from pipeline.distill.config import DistillConfig
+from pipeline.errors import BertforgeError
+from pipeline.export import ExportConfig
+from pipeline.prune import PruneConfig
+from pipeline.quantize import QuantizeConfig
+from pipeline.run import load_run_config, run_pipeline
+
+TINY = ["teacher.finetune=false", "distill.intermediate_epochs=1", "distill.prediction_epochs=1",
+        "distill.max_train_examples=96", "prune.max_train_examples=96", "prune.importance_examples=32",
+        "export.validation_examples=16", "budget.validation_examples=48", "budget.max_train_examples=96",
+        "budget.latency_seconds=0.2", "budget.vocab=[full]"]
+
+
+def _inputs(out, teacher, glue_dir, **kw) -> SearchInputs:
+    w = "(set by the run)"
+    return SearchInputs(out=out, task="sst2", teacher=teacher, glue_dir=str(glue_dir), seed=42,
+                        distill=DistillConfig(stage="task", teacher=w, out=w, intermediate_epochs=1, prediction_epochs=1,
+                                              max_train_examples=96),
+                        prune=PruneConfig(model=w, task="sst2", out=w, max_train_examples=96, importance_examples=32,
+                                          recover_epochs=1),
+                        export=ExportConfig(model=w, out=w, validation_examples=16),
+                        quantize=QuantizeConfig(model=w, out=w), **kw)
+
+
+def _small(**kw) -> BudgetConfig:
+    return BudgetConfig(**{"max_drop": 100.0, "depths": [1], "heads": [0.0], "ffn": [0.0], "vocab": ["full"], "graphs": ["fused"],
+                           "quantize": ["fp32", "dynamic"], "validation_examples": 48, "max_train_examples": 96,
+                           "latency_seconds": 0.2, **kw})
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, sst2_dir):
+    """One run with the search: two depths, two pruning levels, both graphs, three quantizations."""
+    root = tmp_path_factory.mktemp("budget")
+    teacher = make_tiny_bert(root / "teacher", layers=4)
+    cfg = load_run_config("configs/quickstart.yaml", [
+        f"out={root / 'run'}", f"teacher.model={teacher}", f"glue_dir={sst2_dir}", *TINY, "budget.max_drop=100",
+        "budget.depths=[1,2]", "budget.heads=[0,0.5]", "budget.ffn=[0.5]", "budget.graphs=[fused,plain]",
+        "budget.quantize=[fp32,dynamic,static]", "bench.baseline=false", "bench.min_iters=2", "bench.min_seconds=0.05",
+        "bench.cold_start=inprocess"])
+    made = run_pipeline(cfg, progress=False)
+    return root, cfg, made
+
+
+def _result(root):
+    return json.loads((root / "run" / "budget" / "budget.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_fastest_candidate_inside_the_budget_is_kept(searched):
+    root, cfg, made = searched
+    result = _result(root)
+    rows = result["candidates"]
+    # 2 depths x 2 pruning levels x (fused: fp32, dynamic; plain: fp32, dynamic, static); static never on fused
+    assert len(rows) == 20 and not any(r["settings"]["graph"] == "fused" and r["settings"]["quantize"] == "static"
+                                       for r in rows)
+    assert {r["settings"]["depth"] for r in rows} == {1, 2}
+    assert result["chosen"] == min(rows, key=lambda r: r["latency_ms"])["name"]  # budget 100: every row fits
+    # the published artifact is that candidate, with both scores and the split it was chosen on
+    chosen = json.loads((made["chosen"] / "bertforge.json").read_text())
+    assert chosen["stage"] == "budget" and chosen["params"]["selection_split"]["validation_examples"] == 48
+    assert set(chosen["metrics"]) == {"dev", "validation"}
+    assert result["dev"]["dev_drop_points"] == pytest.approx(
+        100 * (result["dev"]["teacher"]["score"] - result["dev"]["chosen"]["score"]), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_tighter_budget_rechooses_without_rebuilding(searched):
+    root, cfg, _ = searched
+    state = json.loads((root / "run" / "budget" / "search.json").read_text())
+    before = {k: n.get("built_at") for k, n in state["nodes"].items()}
+    rows = _result(root)["candidates"]
+    # a budget between the scores found, and a size ceiling: the answer must be the fastest row meeting both
+    drops = sorted({r["validation_drop_points"] for r in rows})
+    max_drop = drops[len(drops) // 2]
+    ceiling = sorted(r["size_bytes"] for r in rows)[len(rows) // 2] / 1e6
+    inside = [r for r in rows if r["validation_drop_points"] <= max_drop and r["size_bytes"] / 1e6 <= ceiling]
+    for objective, key in (("latency", "latency_ms"), ("size", "size_bytes")):
+        again = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, max_drop=max_drop, max_size_mb=ceiling,
+                                                                    objective=objective))
+        run_pipeline(again, progress=False)
+        assert inside and _result(root)["chosen"] == min(inside, key=lambda r: r[key])["name"]
+    after = json.loads((root / "run" / "budget" / "search.json").read_text())
+    assert {k: n.get("built_at") for k, n in after["nodes"].items()} == before  # nothing built again
+
+
+@pytest.mark.slow
+def test_report_draws_the_pareto_front(searched):
+    root, _, made = searched
+    html = (made["report"] / "report.html").read_text()
+    md = (made["report"] / "report.md").read_text()
+    result = _result(root)
+    assert 'id="budget"' in html and "<svg" in html.split('id="budget"')[1]
+    front = [r["name"] for r in result["candidates"] if r["on_front"]]
+    assert front and all(name in md for name in front)
+    assert "Pareto" in md and result["chosen"] in md
+
+
+@pytest.mark.slow
+def test_resume_after_an_interruption_redoes_nothing_finished(tmp_path, sst2_dir, monkeypatch):
+    teacher = make_tiny_bert(tmp_path / "teacher", layers=2)
+    cfg = _small(quantize=["fp32", "dynamic", "dynamic-per-channel"])
+    inputs = _inputs(tmp_path / "budget", teacher, sst2_dir)
+    real = budget_mod._build_quant
+
+    def killed_at_per_channel(s, parent, option, out):
+        if option == "dynamic-per-channel":
+            raise KeyboardInterrupt  # what Ctrl-C or a kill leaves: this node half done, the others finished
+        return real(s, parent, option, out)
+
+    step = next(s for s in budget_mod.STEPS if s.name == "quantize")
+    monkeypatch.setattr(step, "build", killed_at_per_channel)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg, inputs, progress=False)
+    monkeypatch.setattr(step, "build", real)
+    state = json.loads((tmp_path / "budget" / "search.json").read_text())
+    done = {k: n["built_at"] for k, n in state["nodes"].items() if n["status"] == "done"}
+    assert {n["name"] for n in state["nodes"].values() if n["status"] == "done"} >= {"L1", "L1__h0-f0__v-full__fused__dynamic"}
+    result = run_search(cfg, inputs, progress=False)
+    state = json.loads((tmp_path / "budget" / "search.json").read_text())
+    assert {k: state["nodes"][k]["built_at"] for k in done} == done  # the student and the finished variants kept
+    assert len(result["candidates"]) == 3 and all(n["status"] == "done" for n in state["nodes"].values())
+
+
+@pytest.mark.slow
+def test_selection_never_reads_the_dev_split(tmp_path, sst2_dir):
+    """The dev file is made unreadable: the whole search must still run (selection never opens it); only the
+    final scoring, after the choice, needs it."""
+    glue = tmp_path / "glue" / "SST-2"
+    glue.mkdir(parents=True)
+    shutil.copy(sst2_dir / "SST-2" / "train.tsv", glue / "train.tsv")
+    (glue / "dev.tsv").write_text("sentence\tlabel\nthe dev split must not be read\tNOT-A-LABEL\n")
+    teacher = make_tiny_bert(tmp_path / "teacher", layers=2)
+    # trimming and the accuracy-aware fallback's tuning read training rows only, too
+    cfg = _small(vocab=["full", "trimmed"], quantize=["dynamic", "fallback"], fallback_tolerance=1.0)
+    search = Search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
+    result = search.run()
+    assert result["chosen"] is not None and len(result["candidates"]) == 4
+    fallback = json.loads((tmp_path / "budget" / "candidates" / "L1__h0-f0__v-full__fused__fallback" /
+                           "bertforge.json").read_text())
+    assert "not dev" in fallback["params"]["accuracy_aware"]["tuned_on"]
+    trimmed = next(r for r in result["candidates"] if r["settings"]["vocab"] == "trimmed")
+    full = next(r for r in result["candidates"] if r["settings"]["vocab"] == "full")
+    assert trimmed["size_bytes"] < full["size_bytes"] / 2  # the embeddings are most of a tiny model
+    train = load_glue("sst2", "train", tmp_path / "glue")
+    assert search.validation == carve_validation(train, 48, 42)[1]  # the rows scored: carved from train by the seed
+    with pytest.raises(BertforgeError, match="NOT-A-LABEL"):  # the reported score reads dev, once, afterwards
+        run_search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
+
+
+def test_the_validation_split_is_fixed_by_the_seed_and_can_skip_short_phrases(sst2_dir):
+    train = load_glue("sst2", "train", sst2_dir)
+    rest, val = carve_validation(train, 200, seed=7, min_words=10)
+    assert (rest, val) == carve_validation(train, 200, seed=7, min_words=10)  # the seed fixes it
+    assert val != carve_validation(train, 200, seed=8, min_words=10)[1]
+    assert len(rest) + len(val) == len(train)
+    assert all(len(ex.text_a.split()) >= 10 for ex in val)
+    with pytest.raises(BertforgeError, match="of at least 500 words"):
+        carve_validation(train, 10, seed=7, min_words=500)
+
+
+def test_bad_budget_is_one_clear_error(tmp_path, capsys):
+    assert main(["run", "--max-drop", "-1", "--dry-run"]) == 2  # the CLI flag lands in the budget section
+    assert "max_drop must be >= 0" in capsys.readouterr().err
+    with pytest.raises(BertforgeError, match="budget.quantize"):
+        load_run_config(None, ["budget.max_drop=1", "budget.quantize=[int4]"])
+    with pytest.raises(BertforgeError, match="max_drop"):
+        BudgetConfig(max_drop=-1).check()
+    with pytest.raises(BertforgeError, match="budget search distils its own students"):
+        run_pipeline(load_run_config(None, [f"out={tmp_path}", "budget.max_drop=1", "augment.enabled=true",
+                                            "teacher.finetune=false", "teacher.model=all-MiniLM-L6-v2"]), progress=False)
