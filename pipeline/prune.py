@@ -426,10 +426,14 @@ def prune(cfg: PruneConfig, resume: bool = False, progress: bool = True, importa
     # A resumed run continues after the last finished phase, whose model (and the record of what was
     # removed up to it) it reloads; importance scoring and surgery are deterministic, so nothing differs.
     finished = [p for p in plan if (phases_dir / p.name / "model" / "config.json").is_file()]
-    record = {"steps": [], "recovery_steps_taken": 0, "dev_before_recovery": None}
+    settings = json.loads(json.dumps(_run_config(cfg), default=str))
+    record = {"settings": settings, "steps": [], "recovery_steps_taken": 0, "dev_before_recovery": None}
     if finished and resume:
-        model = load_model(phases_dir / finished[-1].name / "model")
         record = json.loads((phases_dir / finished[-1].name / "record.json").read_text())
+        if record.get("settings") != settings:
+            raise BertforgeError(f"cannot resume {out}: its finished recovery phases were made with other settings; "
+                                 "remove the folder to start over")
+        model = load_model(phases_dir / finished[-1].name / "model")
     done_phases = {p.name for p in finished} if resume else set()
     pruned_steps = {s["step"] for s in record["steps"]}
 

@@ -209,6 +209,8 @@ def test_iterative_pruning_resumes_after_a_finished_phase(tiny_bert, sst2_dir, t
     with pytest.raises(BertforgeError, match="unfinished run"):
         prune(_cfg(tiny_bert, tmp_path / "cut", sst2_dir, **common), progress=False)
     monkeypatch.setattr(prune_module, "recover", real)
+    with pytest.raises(BertforgeError, match="other settings"):
+        prune(_cfg(tiny_bert, tmp_path / "cut", sst2_dir, **{**common, "heads": 0.25}), resume=True, progress=False)
     m = prune(_cfg(tiny_bert, tmp_path / "cut", sst2_dir, **common), resume=True, progress=False)
     whole, cut = load_model(str(tmp_path / "whole")), load_model(str(tmp_path / "cut"))
     for (name, a), b in zip(whole.state_dict().items(), cut.state_dict().values()):
