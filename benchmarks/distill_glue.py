@@ -31,6 +31,8 @@ from pipeline.distill.students import StudentSpec
 from pipeline.errors import BertforgeError
 from pipeline.training import LoopConfig
 
+# the commit this process started from (a commit made while it runs does not change the code it runs)
+COMMIT = git_commit()
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")
 METHODS = ("tinybert", "pred-only", "labels-only")
@@ -149,7 +151,7 @@ def run_one(task: str, method: str, student: str, args) -> dict:
                                                "train_file": cfg.train_file, "method_epochs": epochs,
                                                "method_options": options},
         "metrics": manifest.metrics["dev"], "train_loss": manifest.params.get("train_loss"),
-        "artifact": str(out), "command": command_line(), "git_commit": git_commit(),
+        "artifact": str(out), "command": command_line(), "git_commit": COMMIT,
         "inputs": {"teacher_sha256": teacher_sha(task),
                    "train_file_sha256": input_checksums(train_file=cfg.train_file)["train_file"]},
     }

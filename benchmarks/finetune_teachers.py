@@ -23,6 +23,8 @@ from pipeline.errors import BertforgeError
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.training import LoopConfig
 
+# the commit this process started from (a commit made while it runs does not change the code it runs)
+COMMIT = git_commit()
 RESULTS = Path(__file__).parent / "results"
 MODEL = "all-MiniLM-L6-v2"
 # Full training sets. A higher learning rate for the small tasks (a 22M-parameter model); SST-2 gets one
@@ -82,7 +84,7 @@ def main() -> None:
             "seed": manifest.seed, "dev_history": manifest.params.get("dev_history"),
             "selection": "best dev checkpoint (teachers are selected on dev)",
             "artifact": str(out.relative_to(RESULTS.parent.parent)), "command": command_line(),
-            "git_commit": git_commit(),
+            "git_commit": COMMIT,
             "inputs": input_checksums(train=Path(args.glue_dir) / task.folder / "train.tsv",
                                       dev=Path(args.glue_dir) / task.folder / f"{task.splits[dev_split(task)]}.tsv",
                                       weights=out),

@@ -47,9 +47,9 @@ class LoopConfig:
                              "autocast measured slower at these shapes: benchmarks/results/train_speed.json)",
                              choices=("auto", "fp32", "bf16", "fp16"))
     group_by_length: bool = setting(True, "batches of similar length (less padding), drawn from shuffled mega-batches "
-                                          "in random order; false: plain shuffling")
-    fused_optimizer: bool = setting(True, "torch's fused AdamW kernel (one pass over the parameters); false: the "
-                                          "per-parameter loop")
+                                          "in random order (off: plain shuffling)", flag="--no-group-by-length")
+    fused_optimizer: bool = setting(True, "torch's fused AdamW kernel (one pass over the parameters) instead of the "
+                                          "per-parameter loop", flag="--no-fused-optimizer")
 
 
 def resolve_precision(precision: str) -> str:
