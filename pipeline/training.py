@@ -95,6 +95,7 @@ class TrainLoop:
                  save_best_fn: Callable[[float], None] | None = None, desc: str = "train",
                  run_config: dict | None = None, progress: bool = True):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.cfg = cfg
         self.dataset, self.collator, self.loss_fn = dataset, collator, loss_fn
@@ -103,7 +104,13 @@ class TrainLoop:
         self.ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
         self.run_config = run_config or {}
         self.tracker = Tracker(out_dir, desc)  # --report-to: loss parts, learning rate, examples/s, dev scores
-        self.accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision), cpu=not torch.cuda.is_available(),
+        precision = resolve_precision(cfg.precision)
+        # accelerate keeps one precision per process; a process whose loops ask for different ones (a run config
+        # with a bf16 stage after an fp32 one, the training-speed benchmark) re-creates that state. Only the
+        # precision state goes: the distributed process group stays.
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+            AcceleratorState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                                        **self.tracker.accelerator_kwargs())
         # Every process must take the same number of steps: each step ends in a collective (the gradient
         # average), so a process with one batch more than the others would wait for them forever.

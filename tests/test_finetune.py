@@ -28,6 +28,14 @@ def _cfg(model, out, **loop):
                           loop=LoopConfig(**loop))
 
 
+def test_loops_of_different_precision_run_in_one_process(tiny_bert, tmp_path):
+    # accelerate holds one precision per process; `bertforge run` may train an fp32 stage, then a bf16 one
+    for precision in ("fp32", "bf16", "fp32"):
+        finetune(_cfg(tiny_bert, tmp_path / precision, epochs=1, max_steps_per_epoch=2, precision=precision),
+                 progress=False)
+    assert read_manifest(tmp_path / "bf16").params["loop"]["precision"] == "bf16"
+
+
 def test_finetune_writes_a_loadable_artifact_with_manifest(tiny_bert, tmp_path):
     manifest = finetune(_cfg(tiny_bert, tmp_path / "ft"), progress=False)
     saved = read_manifest(tmp_path / "ft")
