@@ -279,8 +279,10 @@ def train_speed() -> str:
         spread = lambda d: f"{100 * d['mean']:.1f} ± {100 * d['sd']:.1f}" if d.get("sd") is not None else f"{100 * d['mean']:.1f}"
         out += (f"\n\nTinyBERT task distillation ({a['rows']} SST-2 rows, {a['intermediate_epochs']} + "
                 f"{a['prediction_epochs']} epochs, {a['threads']} threads, seeds {', '.join(map(str, a['seeds']))}): dev "
-                f"{spread(b)} before, {spread(a)} after; end to end "
-                f"{scores.get('end_to_end_speedup', '—')}× faster.")
+                f"{spread(b)} before, {spread(a)} after; "
+                + (f"end to end {scores.get('end_to_end_speedup', '—')}× faster."
+                   if scores.get("end_to_end_speedup_valid", True) else
+                   "their wall times are not compared (another job ran beside them unevenly: the JSON's machine_note)."))
     return out + "\n\n" + _commands(data.get("command"))
 
 
