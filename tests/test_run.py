@@ -160,6 +160,8 @@ def test_bad_config_is_one_clear_error(tmp_path):
         load_run_config("configs/quickstart.yaml", ["prune.heads=lots"])
     with pytest.raises(BertforgeError, match="teacher.epochs is now teacher.loop.epochs"):
         load_run_config("configs/quickstart.yaml", ["teacher.epochs=2"])
+    with pytest.raises(BertforgeError, match="distill.loop.mixed_precision is now distill.loop.precision"):
+        load_run_config("configs/quickstart.yaml", ["distill.loop.mixed_precision=bf16"])
     with pytest.raises(BertforgeError, match="prune.model is set by the run"):
         load_run_config("configs/quickstart.yaml", ["prune.model=elsewhere"])
 
