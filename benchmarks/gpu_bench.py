@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import git_commit as common_git_commit
 from pipeline.artifacts import sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,14 +107,9 @@ def rel(path: Path | str) -> str:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit = common_git_commit()
+    if commit:
+        return commit
     carried = CARRY / "commit.txt"  # a device machine gets the working tree without .git
     return carried.read_text().strip() if carried.is_file() else "unknown"
 

@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.common import git_commit
 from pipeline.artifacts import sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,13 +71,6 @@ def relative(path) -> str:
 def model_checksum(folder: Path) -> str | None:
     weights = sorted(folder.glob("*.onnx")) or sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     return sha256(weights[0])[:16] if weights else None
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def main() -> None:
