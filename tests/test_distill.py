@@ -141,6 +141,46 @@ def test_task_distillation_two_steps_and_plain_reload(teacher, small_glue, tmp_p
     assert after < before
 
 
+def test_teacher_cache_gives_the_live_values_and_skips_the_teacher(teacher):
+    from pipeline.distill.common import TeacherInternals
+
+    t_model = BertForSequenceClassification.from_pretrained(teacher).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    data = EncodedDataset(load_glue("sst2", "dev", sample_data_dir())[:12], tokenizer, 64)
+    calls = []
+    t_model.bert.embeddings.register_forward_hook(lambda *a: calls.append(1))
+
+    def batch_of(rows):
+        batch = Collator(tokenizer, False)([data[i] for i in rows])
+        batch.pop("labels")
+        return batch, batch.pop("idx")
+
+    live = TeacherInternals(t_model, [2, 4], 0)(*batch_of(range(12)))  # budget 0: fp32 outputs, as before
+    cache = TeacherInternals(t_model, [2, 4], 64)
+    first = cache(*batch_of(range(12)))
+    assert len(calls) == 2 and len(cache.store) == 12 and cache.used > 0
+    assert first.hidden_states[1] is None and set(first.scores) == {2, 4}
+    # Another grouping of the same rows (another padded length): served from the store, the teacher idle.
+    order = [7, 3, 11]
+    batch, idx = batch_of(order)
+    again = cache(batch, idx)
+    assert len(calls) == 2
+    for row, i in enumerate(order):
+        real = int(batch["attention_mask"][row].sum())
+        for n in (0, 2, 4):
+            assert torch.equal(again.hidden_states[n][row, :real], first.hidden_states[n][i, :real])
+            # stored in fp16: within half precision of the live fp32 values
+            torch.testing.assert_close(first.hidden_states[n][i, :real], live.hidden_states[n][i, :real],
+                                       rtol=2e-3, atol=2e-3)
+        for n in (2, 4):
+            assert torch.equal(again.scores[n][row, :, :real, :real], first.scores[n][i, :, :real, :real])
+    # Over the budget: nothing stored, the same (fp16-rounded) values returned.
+    full = TeacherInternals(t_model, [2, 4], 64)
+    full.budget = 1
+    over = full(batch, idx)
+    assert full.store == {} and all(torch.equal(over.hidden_states[n], again.hidden_states[n]) for n in (0, 2, 4))
+
+
 def test_paper_schedule_is_the_default(teacher, tmp_path):
     from pipeline.distill.transformer import task_schedule
 

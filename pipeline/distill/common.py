@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline.artifacts import read_manifest
+from pipeline.capture import Internals, ScoreCapture, run_with_internals
 from pipeline.data import get_task
 from pipeline.data.tasks import TaskSpec
 from pipeline.distill.config import DistillConfig
@@ -90,3 +91,78 @@ class TeacherLogits:
         if self.cache:
             self.store.update(zip(ids, logits))
         return logits
+
+
+class TeacherInternals:
+    """The teacher's embedding output and, for the mapped layers, layer outputs and attention scores:
+    what intermediate-layer distillation matches, per batch.
+
+    With a budget (MiB, > 0) they are kept per training example in fp16 on the CPU, up to the budget,
+    and reused every later epoch: the teacher is frozen and in eval mode, so they never change, and its
+    forward pass is the largest cost of an intermediate step after the first epoch. Every batch gets the
+    fp16-rounded values, cached or not, so a run gives the same student whether an example came from
+    the store or was recomputed (after --resume the store starts empty). Budget 0: the teacher runs on
+    every batch and its fp32 outputs are used as they are.
+    """
+
+    def __init__(self, teacher, mapping: list[int], budget_mb: int):
+        self.teacher = teacher
+        self.capture = ScoreCapture(teacher, mapping)
+        self.hidden_layers = [0, *sorted(set(mapping))]
+        self.score_layers = sorted(set(mapping))
+        self.num_layers = teacher.config.num_hidden_layers
+        self.budget = budget_mb * 2**20
+        self.used = 0
+        self.store: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, idx: torch.Tensor) -> Internals:
+        if self.budget <= 0:
+            return run_with_internals(self.teacher, batch, self.capture, logits=False)
+        mask = batch["attention_mask"]
+        lengths = mask.sum(dim=1)
+        # Stored rows are cut to their real tokens, so rebuilding a batch assumes right padding.
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        if not torch.equal(mask.to(torch.bool), positions[None, :] < lengths[:, None]):
+            raise BertforgeError("the teacher cache needs right-padded batches (set the tokenizer's padding_side)")
+        ids, lengths = idx.tolist(), lengths.tolist()
+        if not all(i in self.store for i in ids):
+            self._compute(batch, ids, lengths)
+        return self._assemble(ids, lengths, mask.shape[1], mask.device)
+
+    def _compute(self, batch: dict, ids: list[int], lengths: list[int]) -> None:
+        t = run_with_internals(self.teacher, batch, self.capture, logits=False)
+        hidden = [t.hidden_states[n].to("cpu", torch.float16) for n in self.hidden_layers]
+        scores = [t.scores[n].to("cpu", torch.float16) for n in self.score_layers]
+        self._pending = {}  # rows over the budget live only for this batch
+        for row, (i, n) in enumerate(zip(ids, lengths)):
+            if i in self.store:
+                continue
+            item = ([h[row, :n].clone() for h in hidden], [s[row, :, :n, :n].clone() for s in scores])
+            size = sum(x.numel() * x.element_size() for part in item for x in part)
+            if self.used + size <= self.budget:
+                self.store[i] = item
+                self.used += size
+            else:
+                self._pending[i] = item
+
+    def _assemble(self, ids: list[int], lengths: list[int], seq: int, device) -> Internals:
+        items = [self.store.get(i) or self._pending[i] for i in ids]
+        b = len(ids)
+        hidden = {}
+        for k, n in enumerate(self.hidden_layers):
+            h = torch.zeros(b, seq, items[0][0][k].shape[-1], dtype=torch.float16)
+            for row, (item, length) in enumerate(zip(items, lengths)):
+                h[row, :length] = item[0][k]
+            hidden[n] = h.to(device=device, dtype=torch.float32)
+        scores = {}
+        for k, n in enumerate(self.score_layers):
+            s = torch.zeros(b, items[0][1][k].shape[0], seq, seq, dtype=torch.float16)
+            for row, (item, length) in enumerate(zip(items, lengths)):
+                s[row, :, :length, :length] = item[1][k]
+            scores[n] = s.to(device=device, dtype=torch.float32)
+        self._pending = {}
+        # Layers that are not mapped are never read: None keeps the tuple indexed by layer number.
+        states = tuple(hidden.get(n) for n in range(self.num_layers + 1))
+        return Internals(hidden_states=states, scores=scores)

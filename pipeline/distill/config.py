@@ -89,8 +89,11 @@ class DistillConfig:
     intermediate_lr: float = setting(5e-5, "learning rate of intermediate-layer distillation")
     prediction_epochs: int = setting(3, "prediction-layer epochs (also the labels-only epochs)")
     prediction_lr: float = setting(3e-5, "learning rate of prediction-layer distillation")
-    cache_teacher: bool = setting(True, "keep the teacher's logits per example after their first computation",
+    cache_teacher: bool = setting(True, "keep the teacher's outputs per example after their first computation "
+                                        "(logits always; intermediate layers within teacher_cache_mb)",
                                   flag="--no-teacher-cache")
+    teacher_cache_mb: int = setting(4096, "memory (MiB) for the teacher's layer outputs and attention scores kept "
+                                          "across intermediate epochs, in fp16 (0: recompute every batch)")
     kd: KDOptions = setting(factory=KDOptions)
     theseus: TheseusOptions = setting(factory=TheseusOptions)
     early_exit: EarlyExitOptions = setting(factory=EarlyExitOptions)

@@ -26,7 +26,7 @@ from pipeline.artifacts import Manifest, prepare_output_dir, write_manifest
 from pipeline.data import Collator, EncodedDataset, Example, dev_split, get_task, load_glue, load_train_examples
 from pipeline.data.tasks import TaskSpec
 from pipeline.distill.capture import ScoreCapture, run_with_internals
-from pipeline.distill.common import (TeacherLogits, check_fresh_or_resume, load_teacher, run_config,
+from pipeline.distill.common import (TeacherInternals, TeacherLogits, check_fresh_or_resume, load_teacher, run_config,
                                      student_note, teacher_score)
 from pipeline.distill.config import GENERAL_MAX_LENGTH, DistillConfig
 from pipeline.distill.losses import prediction_loss, transformer_loss
@@ -77,15 +77,15 @@ def _require_task_stage(cfg: DistillConfig) -> None:
 def intermediate_loss_fn(student, teacher, projections: Projections, mapping: list[int], cfg: DistillConfig):
     """loss_fn for TrainLoop: embedding + hidden + attention losses of one batch.
 
-    The hooks stay registered for the life of the run (they cost nothing while unused)."""
+    The hooks stay registered for the life of the run (they cost nothing while unused). The teacher's
+    side comes from `TeacherInternals`, kept per example across epochs within `cfg.teacher_cache_mb`."""
     s_cap = ScoreCapture(student)
-    t_cap = ScoreCapture(teacher, mapping)
+    targets = TeacherInternals(teacher, mapping, cfg.teacher_cache_mb if cfg.cache_teacher else 0)
 
     def loss_fn(batch):
-        batch.pop("idx", None)
+        idx = batch.pop("idx")
         batch.pop("labels", None)
-        with torch.no_grad():
-            t = run_with_internals(teacher, batch, t_cap, logits=False)
+        t = targets(batch, idx)
         s = run_with_internals(student, batch, s_cap, logits=False)
         return transformer_loss(s, t, mapping, projections.embedding, projections.hidden,
                                 batch["attention_mask"], cfg.weights)
