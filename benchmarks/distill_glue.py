@@ -9,6 +9,12 @@ The paper's schedule (20 intermediate epochs, 50 for CoLA, then 3 prediction epo
 data) does not fit a shared 2-core CPU. BUDGET below is the reduced default; every row records the
 schedule it ran under ("schedule"), and the flags override it.
 
+Selection never sees the dev set that is reported: per (task, seed), a tenth of the training rows (at
+most 1,000) is carved off by the seed (`pipeline.data.split`) into students/<task>/selection-seed<S>/;
+the students train on the rest and keep their best checkpoint on the carved rows, and dev is scored once,
+after. An augmented --train-file must be made from that folder's train.tsv (`bertforge augment
+--input-file ...`), so that no carved sentence reaches training in another form.
+
     python benchmarks/distill_glue.py --glue-dir ../shared/glue_data
     python benchmarks/distill_glue.py --tasks rte --methods tinybert --max-train-examples 64 --max-steps-per-epoch 2
 """
@@ -22,13 +28,15 @@ import time
 from pathlib import Path
 
 from benchmarks.common import command_line, git_commit, input_checksums, write_results
-from pipeline.artifacts import read_manifest
+from pipeline.artifacts import read_manifest, write_manifest
 from pipeline.data import dev_split, get_task, load_glue
 from pipeline.data.metrics import margin_retention, trivial_score
 from pipeline.distill import distill
 from pipeline.distill.config import DistillConfig, TheseusOptions
 from pipeline.distill.students import StudentSpec
+from pipeline.data.split import write_selection_dir
 from pipeline.errors import BertforgeError
+from pipeline.evaluate import evaluate
 from pipeline.training import LoopConfig
 
 # the commit this process started from (a commit made while it runs does not change the code it runs)
@@ -122,6 +130,33 @@ def row_method(task: str, method: str, args) -> str:
     return f"{method}+aug-{source}"
 
 
+def selection_split(task: str, args) -> tuple[Path, dict]:
+    """The (task, seed) folder whose train.tsv the students learn from and whose dev.tsv is the carved
+    selection split; written once, then reused by every method of that seed."""
+    folder = RESULTS / "students" / task / f"selection-seed{args.seed}"
+    n_train = len(load_glue(task, "train", args.glue_dir))
+    size = min(args.validation_max, n_train // 10)
+    info_path = folder / "split.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info["validation_examples"] == size and info["seed"] == args.seed:
+            return folder, info
+    info = write_selection_dir(task, args.glue_dir, folder, size=size, seed=args.seed)
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return folder, info
+
+
+def check_train_file(train_file: str | None, selection: Path, task: str) -> None:
+    """An augmented file made from the whole training set would carry the carved rows into training."""
+    if not train_file:
+        return
+    manifest = Path(str(train_file) + ".json")
+    made_from = json.loads(manifest.read_text()).get("input") if manifest.is_file() else None
+    expected = selection / get_task(task).folder / "train.tsv"
+    if not made_from or Path(made_from).resolve() != expected.resolve():
+        raise BertforgeError(f"{train_file} was not augmented from {expected} (the carved split's training rows)")
+
+
 def run_one(task: str, method: str, student: str, args) -> dict:
     teacher = RESULTS / "teachers" / task
     t_manifest = read_manifest(teacher)
@@ -129,12 +164,14 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         raise BertforgeError(f"no fine-tuned teacher in {teacher}: run benchmarks/finetune_teachers.py first")
     label = row_method(task, method, args)
     out = RESULTS / "students" / task / f"{label}-{student}-seed{args.seed}"
+    selection, split = selection_split(task, args)
+    check_train_file(args.train_file.get(task), selection, task)
     sched = schedule_for(task, args)
     epochs, options = method_budget(method, sched, task, args)
     prediction_epochs = options.pop("prediction_epochs", sched["prediction_epochs"])
     cfg = DistillConfig(
         stage="task", teacher=str(teacher), out=str(out), method=method, student=STUDENTS[student](), task=task,
-        glue_dir=args.glue_dir, train_file=args.train_file.get(task), max_train_examples=sched["max_train_examples"],
+        glue_dir=str(selection), train_file=args.train_file.get(task), max_train_examples=sched["max_train_examples"],
         intermediate_epochs=sched["intermediate_epochs"], intermediate_lr=sched["intermediate_lr"],
         prediction_epochs=prediction_epochs, prediction_lr=sched["prediction_lr"], num_threads=args.threads,
         loop=LoopConfig(epochs=epochs, learning_rate=sched["intermediate_lr"], batch_size=sched["batch_size"],
@@ -144,7 +181,13 @@ def run_one(task: str, method: str, student: str, args) -> dict:
     start = time.perf_counter()
     manifest = distill(cfg, resume=(out / "checkpoints").is_dir(), progress=not args.quiet)
     wall = time.perf_counter() - start
-    student_score = manifest.metrics["dev"]["score"]
+    # The recipe kept its best checkpoint by the carved rows (its "dev"); now the one dev score.
+    selection_metrics = manifest.metrics["dev"]
+    dev_metrics = evaluate(out, task, args.glue_dir, progress=False).metrics
+    manifest.metrics = {"selection": selection_metrics, dev_split(get_task(task)): dev_metrics, "dev": dev_metrics}
+    manifest.params["selection"] = {**split, "note": "best checkpoint kept on rows carved from train; dev scored once"}
+    write_manifest(out, manifest)
+    student_score = dev_metrics["score"]
     trivial = task_floor(task, args.glue_dir)
     margin = margin_retention(student_score, t_manifest.score, trivial)
     return {
@@ -152,12 +195,13 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         "teacher_score": round(t_manifest.score, 4), "student_score": round(student_score, 4),
         "retention": round(student_score / t_manifest.score, 4) if t_manifest.score else None,
         "trivial_score": round(trivial, 4), "margin_retention": round(margin, 4) if margin is not None else None,
+        "selection_score": round(selection_metrics["score"], 4), "selection": split,
         "examples_processed": manifest.params["train_examples"] * epochs,
         "params": manifest.num_parameters, "teacher_params": t_manifest.num_parameters,
         "wall_s": round(wall, 1), "schedule": {**sched, "train_examples": manifest.params["train_examples"],
                                                "train_file": cfg.train_file, "method_epochs": epochs,
                                                "method_options": options},
-        "metrics": manifest.metrics["dev"], "train_loss": manifest.params.get("train_loss"),
+        "metrics": dev_metrics, "train_loss": manifest.params.get("train_loss"),
         "artifact": str(out), "command": command_line(), "git_commit": COMMIT,
         "inputs": {"teacher_sha256": teacher_sha(task),
                    "train_file_sha256": input_checksums(train_file=cfg.train_file)["train_file"]},
@@ -194,6 +238,8 @@ def main() -> None:
     p.add_argument("--train-file", action="append", default=[], metavar="TASK=TSV",
                    help="e.g. augmented data from `bertforge augment` (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--validation-max", type=int, default=1000,
+                   help="most training rows carved (a tenth of train, by the seed) for checkpoint selection")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--results", default=str(RESULTS), help="folder holding teachers/ and students/")
@@ -205,9 +251,11 @@ def main() -> None:
 
     path = Path(args.out)
     rows = json.loads(path.read_text()) if path.is_file() else []
-    # a row distilled from another teacher (retrained since), or on another schedule, is not comparable
+    # a row distilled from another teacher (retrained since), on another schedule, or whose checkpoint was
+    # chosen on dev is not comparable
     stale = [r for r in rows if r.get("inputs", {}).get("teacher_sha256") != teacher_sha(r["task"])
-             or any(r["schedule"].get(k) != schedule_for(r["task"], args)[k] for k in SCHEDULE_KEYS)]
+             or any(r["schedule"].get(k) != schedule_for(r["task"], args)[k] for k in SCHEDULE_KEYS)
+             or "selection" not in r]  # selected on dev, before the carved split
     if stale:
         print(f"dropping {len(stale)} rows made against another teacher or schedule")
         rows = [r for r in rows if r not in stale]
