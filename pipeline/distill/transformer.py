@@ -74,13 +74,16 @@ def _require_task_stage(cfg: DistillConfig) -> None:
 
 
 # -- shared pieces -------------------------------------------------------------------------------
-def intermediate_loss_fn(student, teacher, projections: Projections, mapping: list[int], cfg: DistillConfig):
+def intermediate_loss_fn(student, teacher, projections: Projections, mapping: list[int], cfg: DistillConfig,
+                         epochs: int):
     """loss_fn for TrainLoop: embedding + hidden + attention losses of one batch.
 
     The hooks stay registered for the life of the run (they cost nothing while unused). The teacher's
-    side comes from `TeacherInternals`, kept per example across epochs within `cfg.teacher_cache_mb`."""
+    side comes from `TeacherInternals`, kept per example across epochs within `cfg.teacher_cache_mb`
+    (a one-epoch step would only fill memory, so it keeps nothing)."""
     s_cap = ScoreCapture(student)
-    targets = TeacherInternals(teacher, mapping, cfg.teacher_cache_mb if cfg.cache_teacher else 0)
+    keep = cfg.cache_teacher and epochs > 1
+    targets = TeacherInternals(teacher, mapping, cfg.teacher_cache_mb if keep else 0)
 
     def loss_fn(batch):
         idx = batch.pop("idx")
@@ -151,7 +154,7 @@ def general_distillation(cfg: DistillConfig, resume: bool = False, progress: boo
     modules = nn.ModuleDict({"student": student, "projections": projections})
 
     loop = TrainLoop(cfg.loop, modules, dataset, Collator(tokenizer, regression=False),
-                     intermediate_loss_fn(student, teacher, projections, mapping, cfg), out,
+                     intermediate_loss_fn(student, teacher, projections, mapping, cfg, cfg.loop.epochs), out,
                      desc="general distillation", run_config=run_config(cfg), progress=progress)
     track_epoch_losses(loop)
     teacher.to(loop.device)
@@ -269,7 +272,7 @@ def _intermediate_step(cfg, loop_cfg, student, teacher, mapping, dataset, collat
     projections = Projections(student.config.hidden_size, teacher.config.hidden_size)
     modules = nn.ModuleDict({"student": student, "projections": projections})
     loop = TrainLoop(loop_cfg, modules, dataset, collator,
-                     intermediate_loss_fn(student, teacher, projections, mapping, cfg), work,
+                     intermediate_loss_fn(student, teacher, projections, mapping, cfg, loop_cfg.epochs), work,
                      desc=f"{cfg.method} {cfg.task}: intermediate", run_config={**fingerprint, "step": "intermediate"},
                      progress=progress)
     track_epoch_losses(loop)
