@@ -286,7 +286,19 @@ def train_speed() -> str:
                 + (f"end to end {scores.get('end_to_end_speedup', '—')}× faster."
                    if scores.get("end_to_end_speedup_valid", True) else
                    "their wall times are not compared (another job ran beside them unevenly: the JSON's machine_note)."))
-    return out + "\n\n" + _commands(data.get("command"))
+    if data.get("machine_note"):
+        out += f" Machine: {data['machine_note']}."
+    commands = [data.get("command")]
+    bf16 = _load("train_speed_bf16.json")
+    if bf16 and {"after", "after-bf16"} <= set(bf16.get("dev_score") or {}):
+        a, b = bf16["dev_score"]["after"], bf16["dev_score"]["after-bf16"]
+        out += (f"\n\nDoes bf16 cost accuracy? (`train_speed_bf16.json`, the same runs in fp32 and bf16 autocast, "
+                f"{a['rows']} rows, {a['intermediate_epochs']} + {a['prediction_epochs']} epochs, seeds "
+                f"{', '.join(map(str, a['seeds']))}): dev {spread(a)} fp32, {spread(b)} bf16, bf16 "
+                f"{bf16['dev_score']['end_to_end_speedup']}× faster end to end. The schedule is short: it shows no "
+                f"cost there, not the absence of one on a full schedule.")
+        commands.append(bf16.get("command"))
+    return out + "\n\n" + _commands(*commands)
 
 
 TABLES = {"headline": headline, "teachers": teachers, "teacher-check": teacher_check, "distill": distill,
