@@ -114,8 +114,14 @@ def distill() -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["method"], r["student"]), []).append(r)
+    # The per-task recipe: the method whose students score best on the rows carved from train (never dev).
+    chosen: dict[str, tuple[float, tuple]] = {}
+    for key, rs in groups.items():
+        selection = [r["selection_score"] for r in rs if r.get("selection_score") is not None]
+        if selection and (key[0] not in chosen or _mean_sd(selection)[0] > chosen[key[0]][0]):
+            chosen[key[0]] = (_mean_sd(selection)[0], key)
     table = []
-    tinybert = {}
+    tinybert, recipe = {}, {}
     for key in sorted(groups, key=lambda k: (TASK_ORDER.index(k[0]), _method_key(k[1]), k[2])):
         task, method, _ = key
         rs = groups[key]
@@ -125,8 +131,11 @@ def distill() -> str:
         margin = _mean_sd(margins)[0] if margins else None
         if method == "tinybert":
             tinybert[task] = retention
+        picked = task in chosen and chosen[task][1] == key
+        if picked:
+            recipe[task] = (method, retention)
         selection = [r["selection_score"] for r in rs if r.get("selection_score") is not None]
-        table.append([task, method, _pct(rs[0]["teacher_score"]),
+        table.append([task, method + (" ◆" if picked else ""), _pct(rs[0]["teacher_score"]),
                       _pct(score) + (f" ± {100 * sd:.1f}" if sd is not None else ""),
                       _pct(_mean_sd(selection)[0]) if selection else "—", len(rs),
                       f"{retention:.3f}", "—" if margin is None else f"{margin:.3f}",
@@ -136,13 +145,15 @@ def distill() -> str:
     out = _table(["task", "method", "teacher", "student (mean ± sd)", "student on the carved rows", "seeds",
                   "retention", "margin retention",
                   "params (student / teacher)", "examples processed", "minutes per seed"], table)
-    main = {t: v for t, v in tinybert.items() if t != "cola"}
-    if main:
-        out += (f"\n\nMean TinyBERT retention over {', '.join(main)}: **{sum(main.values()) / len(main):.3f}** "
-                f"(TinyBERT-4's published: 0.97)" + (f"; CoLA {tinybert['cola']:.3f} (TinyBERT-4: 0.835)."
-                                                      if "cola" in tinybert else "."))
-    out += ("\n\nRetention is student / teacher; margin retention is (student − trivial) / (teacher − trivial), "
-            "trivial being the majority-class score on dev (0 for Matthews and correlations).")
+    for name, per_task in (("TinyBERT", tinybert), ("per-task recipe (◆)", {t: r for t, (_, r) in recipe.items()})):
+        main = {t: v for t, v in per_task.items() if t != "cola"}
+        if main:
+            out += (f"\n\nMean {name} retention over {', '.join(main)}: **{sum(main.values()) / len(main):.3f}** "
+                    f"(TinyBERT-4's published: 0.97)" + (f"; CoLA {per_task['cola']:.3f} (TinyBERT-4: 0.835)."
+                                                          if "cola" in per_task else "."))
+    out += ("\n\n◆: the task's recipe, the method whose students score best on the rows carved from train (dev "
+            "plays no part in the choice). Retention is student / teacher; margin retention is (student − trivial) / "
+            "(teacher − trivial), trivial being the majority-class score on dev (0 for Matthews and correlations).")
     return out + "\n\n" + _commands(*(r.get("command") for r in rows))
 
 
