@@ -99,7 +99,7 @@ class TeacherInternals:
 
     With a budget (MiB, > 0) they are kept per training example in fp16 on the CPU, up to the budget,
     and reused every later epoch: the teacher is frozen and in eval mode, so they never change, and its
-    forward pass is the largest cost of an intermediate step after the first epoch. Every batch gets the
+    forward pass is about 40% of an intermediate step (docs/training.md). Every batch gets the
     fp16-rounded values, cached or not, so a run gives the same student whether an example came from
     the store or was recomputed (after --resume the store starts empty). Budget 0: the teacher runs on
     every batch and its fp32 outputs are used as they are.
