@@ -146,7 +146,10 @@ def distill() -> str:
     out = _table(["task", "method", "teacher", "student (mean ± sd)", "student on the carved rows", "seeds",
                   "retention", "margin retention",
                   "params (student / teacher)", "examples processed", "minutes per seed"], table)
-    for name, per_task in (("TinyBERT", tinybert), ("per-task recipe (◆)", {t: r for t, (_, r) in recipe.items()})):
+    summaries = [("TinyBERT", tinybert)]
+    if any(method != "tinybert" for method, _ in recipe.values()):
+        summaries.append(("per-task recipe (◆)", {t: r for t, (_, r) in recipe.items()}))
+    for name, per_task in summaries:
         main = {t: v for t, v in per_task.items() if t != "cola"}
         if main:
             out += (f"\n\nMean {name} retention over {', '.join(main)}: **{sum(main.values()) / len(main):.3f}** "
