@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchmarks.common import command_line, git_commit, input_checksums, write_results
 from pipeline.artifacts import read_manifest, write_manifest
-from pipeline.data import dev_split, get_task, load_glue
+from pipeline.data import dev_split, get_task, load_glue, load_train_examples
 from pipeline.data.metrics import margin_retention, trivial_score
 from pipeline.distill import distill
 from pipeline.distill.config import DistillConfig, TheseusOptions
@@ -92,7 +92,7 @@ def schedule_for(task: str, args) -> dict:
     return s
 
 
-def method_budget(method: str, sched: dict, task: str, args) -> tuple[int, dict]:
+def method_budget(method: str, sched: dict, task: str, args, train_dir: Path) -> tuple[int, dict]:
     """Epochs and options for the one-loop methods, so every row of a task trains as many epochs as
     TinyBERT's two steps together: kd and difficulty run intermediate + prediction epochs at the
     intermediate learning rate; theseus replaces modules for the intermediate epochs, with the slope
@@ -103,16 +103,21 @@ def method_budget(method: str, sched: dict, task: str, args) -> tuple[int, dict]
         return total, {"prediction_epochs": total}
     if method != "theseus":
         return total, {}
-    from pipeline.data import load_glue
-
-    rows = sched["max_train_examples"] or len(load_glue(task, "train", args.glue_dir))
-    if args.train_file.get(task):
-        rows = sched["max_train_examples"] or sum(1 for _ in open(args.train_file[task], encoding="utf-8"))
-    steps = -(-rows // sched["batch_size"])
-    if sched["max_steps_per_epoch"]:
-        steps = min(steps, sched["max_steps_per_epoch"])
+    steps = steps_per_epoch(task, sched, args, train_dir)
     slope = round(0.7 / max(1, steps * sched["intermediate_epochs"]), 6)
     return sched["intermediate_epochs"], {"slope": slope, "successor_epochs": sched["prediction_epochs"]}
+
+
+def steps_per_epoch(task: str, sched: dict, args, train_dir: Path) -> int:
+    """Optimizer steps per epoch. An augmented file takes as many as the plain rows it was made from, so
+    augmented and plain rows train the same number of steps (each epoch a new random draw of the
+    augmented rows)."""
+    plain = sched["max_train_examples"] or len(load_glue(task, "train", train_dir))
+    steps = -(-plain // sched["batch_size"])
+    if not args.train_file.get(task):
+        return min(steps, sched["max_steps_per_epoch"] or steps)
+    augmented = len(load_train_examples(task, train_dir, args.train_file[task], sched["max_train_examples"]))
+    return min(steps, -(-augmented // sched["batch_size"]), sched["max_steps_per_epoch"] or steps)
 
 
 def row_method(task: str, method: str, args) -> str:
@@ -167,7 +172,8 @@ def run_one(task: str, method: str, student: str, args) -> dict:
     selection, split = selection_split(task, args)
     check_train_file(args.train_file.get(task), selection, task)
     sched = schedule_for(task, args)
-    epochs, options = method_budget(method, sched, task, args)
+    steps = steps_per_epoch(task, sched, args, selection)
+    epochs, options = method_budget(method, sched, task, args, selection)
     prediction_epochs = options.pop("prediction_epochs", sched["prediction_epochs"])
     cfg = DistillConfig(
         stage="task", teacher=str(teacher), out=str(out), method=method, student=STUDENTS[student](), task=task,
@@ -175,7 +181,7 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         intermediate_epochs=sched["intermediate_epochs"], intermediate_lr=sched["intermediate_lr"],
         prediction_epochs=prediction_epochs, prediction_lr=sched["prediction_lr"], num_threads=args.threads,
         loop=LoopConfig(epochs=epochs, learning_rate=sched["intermediate_lr"], batch_size=sched["batch_size"],
-                        max_steps_per_epoch=sched["max_steps_per_epoch"], checkpoint_every=50, seed=args.seed),
+                        max_steps_per_epoch=steps, checkpoint_every=50, seed=args.seed),
         theseus=TheseusOptions(**options),  # only theseus takes options here
     )
     start = time.perf_counter()
@@ -196,10 +202,11 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         "retention": round(student_score / t_manifest.score, 4) if t_manifest.score else None,
         "trivial_score": round(trivial, 4), "margin_retention": round(margin, 4) if margin is not None else None,
         "selection_score": round(selection_metrics["score"], 4), "selection": split,
-        "examples_processed": manifest.params["train_examples"] * epochs,
+        "examples_processed": min(manifest.params["train_examples"], steps * sched["batch_size"]) * epochs,
         "params": manifest.num_parameters, "teacher_params": t_manifest.num_parameters,
         "wall_s": round(wall, 1), "schedule": {**sched, "train_examples": manifest.params["train_examples"],
                                                "train_file": cfg.train_file, "method_epochs": epochs,
+                                               "steps_per_epoch": steps,
                                                "method_options": options},
         "metrics": dev_metrics, "train_loss": manifest.params.get("train_loss"),
         "artifact": str(out), "command": command_line(), "git_commit": COMMIT,
