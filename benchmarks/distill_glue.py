@@ -31,10 +31,10 @@ from benchmarks.common import command_line, git_commit, input_checksums, write_r
 from pipeline.artifacts import read_manifest, write_manifest
 from pipeline.data import dev_split, get_task, load_glue, load_train_examples
 from pipeline.data.metrics import margin_retention, trivial_score
+from pipeline.data.split import write_selection_dir
 from pipeline.distill import distill
 from pipeline.distill.config import DistillConfig, TheseusOptions
 from pipeline.distill.students import StudentSpec
-from pipeline.data.split import write_selection_dir
 from pipeline.errors import BertforgeError
 from pipeline.evaluate import evaluate
 from pipeline.training import LoopConfig
