@@ -114,7 +114,6 @@ class TeacherInternals:
         self.budget = budget_mb * 2**20
         self.used = 0
         self.store: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._pending: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     @torch.no_grad()
     def __call__(self, batch: dict, idx: torch.Tensor) -> Internals:
@@ -127,15 +126,16 @@ class TeacherInternals:
         if not torch.equal(mask.to(torch.bool), positions[None, :] < lengths[:, None]):
             raise BertforgeError("the teacher cache needs right-padded batches (set the tokenizer's padding_side)")
         ids, lengths = idx.tolist(), lengths.tolist()
-        if not all(i in self.store for i in ids):
-            self._compute(batch, ids, lengths)
-        return self._assemble(ids, lengths, mask.shape[1], mask.device)
+        over_budget = {} if all(i in self.store for i in ids) else self._compute(batch, ids, lengths)
+        return self._assemble(ids, lengths, mask.shape[1], mask.device, over_budget)
 
-    def _compute(self, batch: dict, ids: list[int], lengths: list[int]) -> None:
+    def _compute(self, batch: dict, ids: list[int], lengths: list[int]) -> dict:
+        """Run the teacher; store the batch's new rows within the budget and return the rest (they live
+        only for this batch)."""
         t = run_with_internals(self.teacher, batch, self.capture, logits=False)
         hidden = [t.hidden_states[n].to("cpu", torch.float16) for n in self.hidden_layers]
         scores = [t.scores[n].to("cpu", torch.float16) for n in self.score_layers]
-        self._pending = {}  # rows over the budget live only for this batch
+        over_budget = {}
         for row, (i, n) in enumerate(zip(ids, lengths)):
             if i in self.store:
                 continue
@@ -145,10 +145,11 @@ class TeacherInternals:
                 self.store[i] = item
                 self.used += size
             else:
-                self._pending[i] = item
+                over_budget[i] = item
+        return over_budget
 
-    def _assemble(self, ids: list[int], lengths: list[int], seq: int, device) -> Internals:
-        items = [self.store.get(i) or self._pending[i] for i in ids]
+    def _assemble(self, ids: list[int], lengths: list[int], seq: int, device, over_budget: dict) -> Internals:
+        items = [self.store.get(i) or over_budget[i] for i in ids]
         b = len(ids)
         hidden = {}
         for k, n in enumerate(self.hidden_layers):
@@ -162,7 +163,6 @@ class TeacherInternals:
             for row, (item, length) in enumerate(zip(items, lengths)):
                 s[row, :, :length, :length] = item[1][k]
             scores[n] = s.to(device=device, dtype=torch.float32)
-        self._pending = {}
         # Layers that are not mapped are never read: None keeps the tuple indexed by layer number.
         states = tuple(hidden.get(n) for n in range(self.num_layers + 1))
         return Internals(hidden_states=states, scores=scores)
