@@ -7,10 +7,11 @@ One row per task, budget and objective goes to benchmarks/results/budget.json wi
 validation and dev scores, the dev drop, the latency and size ratios against BERT-base and the search's
 wall time.
 
-The search is cut to fit a shared 2-core machine (the row says so): `--train-examples` training rows for the
-students and the pruning recovery, the schedule of configs/budget.yaml, `--depths`.
+The search can be cut to fit a shared 2-core machine (the rows' note says how): `--train-examples` training rows
+for the students and the pruning recovery (default: all of them), the schedule of configs/budget.yaml, `--depths`.
 
     python benchmarks/budget.py --glue-dir ../shared/glue_data --teacher sst2=PATH/TO/TEACHER
+    python benchmarks/budget.py --tasks mrpc --teacher mrpc=all-MiniLM-L6-v2 --finetune-teacher mrpc
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import command_line, write_results
+from benchmarks.finetune_teachers import SCHEDULE
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -40,11 +42,21 @@ def git_commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def teacher_settings(task: str, teacher: str, finetune: bool) -> list[str]:
+    """A ready-made teacher folder, or (finetune) a model the run fine-tunes on the rows outside the carved
+    split with finetune_teachers.py's schedule for the task, so that it never sees the rows it is measured on."""
+    if not finetune:
+        return ["teacher.finetune=false", f"teacher.model={teacher}"]
+    sched = SCHEDULE.get(task, dict(epochs=3, learning_rate=5e-5))
+    return ["teacher.finetune=true", f"teacher.model={teacher}", "teacher.loop.batch_size=32",
+            *(f"teacher.loop.{k}={v}" for k, v in sched.items())]
+
+
 def run_once(task: str, teacher: str, budget: float, objective: str, args, out: Path) -> tuple[list[str], float]:
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", args.config, "--max-drop", str(budget),
            "--objective", objective, "--set", f"out={out}", f"task={task}", f"glue_dir={args.glue_dir}",
-           "teacher.finetune=false", f"teacher.model={teacher}", f"seed={args.seed}",
-           f"budget.max_train_examples={args.train_examples}", f"budget.validation_examples={args.validation_examples}",
+           *teacher_settings(task, teacher, task in args.finetune_teacher), f"seed={args.seed}",
+           f"budget.max_train_examples={'null' if args.train_examples is None else args.train_examples}", f"budget.validation_examples={args.validation_examples}",
            f"budget.depths=[{','.join(map(str, args.depths))}]", *args.set]
     if args.threads:
         cmd.append(f"threads={args.threads}")
@@ -88,13 +100,16 @@ def row_for(task: str, budget: float, objective: str, out: Path, cmd: list[str],
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["sst2"])
-    p.add_argument("--teacher", nargs="+", required=True, metavar="TASK=FOLDER", help="a fine-tuned teacher per task")
+    p.add_argument("--teacher", nargs="+", required=True, metavar="TASK=FOLDER",
+                   help="a fine-tuned teacher per task (with --finetune-teacher TASK: the model the run fine-tunes)")
+    p.add_argument("--finetune-teacher", nargs="*", default=[], metavar="TASK",
+                   help="tasks whose teacher the run fine-tunes itself, on the rows outside the carved split")
     p.add_argument("--budgets", nargs="+", type=float, default=[3.0, 2.0, 1.0], help="points; the largest runs first")
     p.add_argument("--size-budgets", nargs="*", type=float, default=[2.0], help="budgets also run with objective size")
     p.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue_data")))
     p.add_argument("--config", default="configs/budget.yaml")
     p.add_argument("--depths", nargs="+", type=int, default=[3, 6])
-    p.add_argument("--train-examples", type=int, default=2000)
+    p.add_argument("--train-examples", type=int, default=None, help="default: every training row outside the carved split")
     p.add_argument("--validation-examples", type=int, default=500)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None)
@@ -117,7 +132,7 @@ def main() -> None:
             print(json.dumps({k: rows[-1].get(k) for k in ("task", "budget", "objective", "chosen", "validation_drop_points",
                                                            "dev_drop_points", "latency_b1_vs_bert_base_torch_fp32",
                                                            "size_vs_bert_base_fp32")}), flush=True)
-        teacher = Path(teachers[task])
+        teacher = out / "teacher" if task in args.finetune_teacher else Path(teachers[task])
         for r in rows:
             if r["task"] == task:
                 r["inputs"] = {"teacher": str(teacher), "teacher_manifest_sha256": sha256(teacher / "bertforge.json"),
@@ -126,7 +141,7 @@ def main() -> None:
         "benchmark": "accuracy-budget search (bertforge run --max-drop)",
         "command": command_line(),
         "note": (f"Cut to fit a shared 2-core CPU machine (other sessions trained at the same time): students and "
-                 f"pruning recovery train on {args.train_examples} SST-2 rows with the schedule of {args.config}, "
+                 f"pruning recovery train on {args.train_examples or 'all the'} training rows (outside the carved split) with the schedule of {args.config}, "
                  f"depths {args.depths} (the teacher's own depth = the teacher itself, not distilled), candidates "
                  f"scored on {args.validation_examples} train rows carved by the seed; dev scored once per chosen "
                  f"artifact. Budgets run largest first in one run folder: later budgets re-choose among the same "

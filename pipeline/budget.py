@@ -241,17 +241,10 @@ class Search:
     # -- the selection split and the teacher --------------------------------------------------
     def prepare(self) -> None:
         from pipeline.data import load_glue
-        from pipeline.data.split import write_selection_dir
 
-        wanted = {"task": self.task.name, "glue_train_sha256": _sha256(self._train_file()),
-                  "validation_examples": self.cfg.validation_examples, "seed": self.inputs.seed,
-                  "max_train": self.cfg.max_train_examples, "min_words": self.cfg.validation_min_words}
-        split = self.state.get("split", {})
-        if split.get("wanted") != wanted or not (self.data_dir / self.task.folder / "dev.tsv").is_file():
-            info = write_selection_dir(self.task.name, self.inputs.glue_dir, self.data_dir,
-                                       self.cfg.validation_examples, self.inputs.seed, self.cfg.max_train_examples,
-                                       self.cfg.validation_min_words)
-            self.state = {"nodes": {}, "split": {"wanted": wanted, **info}}  # other data: every node is stale
+        split = selection_data(self.cfg, self.task.name, self.inputs.glue_dir, self.inputs.seed, self.root)
+        if self.state.get("split") != split:
+            self.state = {"nodes": {}, "split": split}  # other data: every node is stale
             self.save()
         self.validation = load_glue(self.task.name, "dev", self.data_dir)
         teacher_id = _input_id(self.inputs.teacher)
@@ -260,11 +253,6 @@ class Search:
             self.state["teacher"] = {"id": teacher_id, "path": str(self.inputs.teacher),
                                      "validation": self.score(self.inputs.teacher)}
             self.save()
-
-    def _train_file(self) -> Path:
-        from pipeline.data import sample_data_dir
-
-        return Path(self.inputs.glue_dir or sample_data_dir()) / self.task.folder / f"{self.task.splits['train']}.tsv"
 
     def rows_outside_validation(self) -> list:
         from pipeline.data import load_glue
@@ -484,6 +472,30 @@ def _input_id(path: Path) -> str:
     if p.is_dir():
         return _key({str(f.relative_to(p)): _sha256(f) for f in sorted(p.rglob("*")) if f.is_file()})
     return str(path)
+
+
+def selection_data(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: int, root: Path) -> dict:
+    """Carve the selection split into `root/selection-data` (once per settings; the run's teacher stage
+    calls this too, so that a teacher fine-tuned by the run never sees the carved rows). Returns what
+    was carved: the settings asked for ("wanted"), sizes and checksums."""
+    from pipeline.data import get_task, sample_data_dir
+    from pipeline.data.split import write_selection_dir
+
+    spec = get_task(task)
+    train_file = Path(glue_dir or sample_data_dir()) / spec.folder / f"{spec.splits['train']}.tsv"
+    wanted = {"task": spec.name, "glue_train_sha256": _sha256(train_file),
+              "validation_examples": cfg.validation_examples, "seed": seed,
+              "max_train": cfg.max_train_examples, "min_words": cfg.validation_min_words}
+    folder, record = Path(root) / "selection-data", Path(root) / "selection-data" / "split.json"
+    if record.is_file() and (folder / spec.folder / "dev.tsv").is_file():
+        split = json.loads(record.read_text())
+        if split.get("wanted") == wanted:
+            return split
+    info = write_selection_dir(spec.name, glue_dir, folder, cfg.validation_examples, seed, cfg.max_train_examples,
+                               cfg.validation_min_words)
+    split = {"wanted": wanted, **info}
+    _write(record, split)
+    return split
 
 
 def run_search(cfg: BudgetConfig, inputs: SearchInputs, progress: bool = True) -> dict:

@@ -330,7 +330,16 @@ class Run:
             return Path(t.model)
         from pipeline.finetune import finetune
 
-        config = _library(FinetuneConfig, t, out=WIRED, glue_dir=t.glue_dir or self.glue_dir)
+        glue_dir = t.glue_dir or self.glue_dir
+        if self.cfg.budget.max_drop is not None:
+            # The search measures every candidate's drop against the teacher on rows carved from train: a
+            # teacher that trained on them would flatter itself there. It learns from the students' rows.
+            from pipeline.budget import selection_data
+
+            if not self.dry_run:
+                selection_data(self.cfg.budget, self.cfg.task, self.glue_dir, self.cfg.seed, self.out / "budget")
+            glue_dir = str(self.out / "budget" / "selection-data")
+        config = _library(FinetuneConfig, t, out=WIRED, glue_dir=glue_dir)
 
         def work(out, resume):
             finetune(dataclasses.replace(config, out=str(out)), resume=resume, progress=self.progress)

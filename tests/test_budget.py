@@ -183,3 +183,23 @@ def test_bad_budget_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(BertforgeError, match="budget search distils its own students"):
         run_pipeline(load_run_config(None, [f"out={tmp_path}", "budget.max_drop=1", "augment.enabled=true",
                                             "teacher.finetune=false", "teacher.model=all-MiniLM-L6-v2"]), progress=False)
+
+
+def test_a_teacher_finetuned_by_the_run_never_sees_the_carved_rows(tmp_path, sst2_dir):
+    """The search measures drops against the teacher on the carved rows: the run's own teacher learns from the
+    rows outside them (a teacher trained on them would flatter itself there)."""
+    from pipeline.run import Run
+
+    teacher = make_tiny_bert(tmp_path / "base", layers=1)
+    cfg = load_run_config("configs/quickstart.yaml", [
+        f"out={tmp_path / 'run'}", f"teacher.model={teacher}", f"glue_dir={sst2_dir}", "teacher.finetune=true",
+        "teacher.loop.epochs=1", "teacher.max_train_examples=64", "budget.max_drop=1",
+        "budget.validation_examples=48"])
+    folder = Run(cfg, progress=False).teacher()
+    params = json.loads((folder / "bertforge.json").read_text())["params"]
+    assert params["glue_dir"] == str(tmp_path / "run" / "budget" / "selection-data")
+    carved = carve_validation(load_glue("sst2", "train", sst2_dir), 48, 42)[1]
+    seen = load_glue("sst2", "train", params["glue_dir"])
+    assert len(seen) == len(load_glue("sst2", "train", sst2_dir)) - 48 and not set(seen) & set(carved)
+    split = budget_mod.selection_data(cfg.budget, "sst2", str(sst2_dir), 42, tmp_path / "run" / "budget")
+    assert split["validation_sha256"] and split["wanted"]["validation_examples"] == 48  # the search finds it made
