@@ -8,6 +8,7 @@ replicas land on any node with the CPUs they ask for. Also runnable as
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -75,6 +76,10 @@ def run(model_dir: str | Path, config: ServeConfig, replicas: int = 1, max_repli
     log = logging.getLogger("bertforge.serve")
     # a local cluster's workers inherit this process's environment (PYTHONPATH included); on a cluster,
     # every node needs bertforge installed and the artifact at the same path
+    # Ray Serve kills an HTTP proxy that is not ready within 5 s of its start; on a loaded small machine its
+    # worker takes longer than that to import, and `serve.start` then fails. The controller and proxy run in
+    # workers that inherit this environment, so a later ready check is what this buys; a user's value stands.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
