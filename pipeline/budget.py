@@ -474,18 +474,25 @@ def _input_id(path: Path) -> str:
     return str(path)
 
 
+def selection_wanted(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: int) -> dict:
+    """What fixes the selection split: the training file's checksum and the carving settings."""
+    from pipeline.data import get_task, sample_data_dir
+
+    spec = get_task(task)
+    train_file = Path(glue_dir or sample_data_dir()) / spec.folder / f"{spec.splits['train']}.tsv"
+    return {"task": spec.name, "glue_train_sha256": _sha256(train_file), "validation_examples": cfg.validation_examples,
+            "seed": seed, "max_train": cfg.max_train_examples, "min_words": cfg.validation_min_words}
+
+
 def selection_data(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: int, root: Path) -> dict:
     """Carve the selection split into `root/selection-data` (once per settings; the run's teacher stage
     calls this too, so that a teacher fine-tuned by the run never sees the carved rows). Returns what
     was carved: the settings asked for ("wanted"), sizes and checksums."""
-    from pipeline.data import get_task, sample_data_dir
+    from pipeline.data import get_task
     from pipeline.data.split import write_selection_dir
 
     spec = get_task(task)
-    train_file = Path(glue_dir or sample_data_dir()) / spec.folder / f"{spec.splits['train']}.tsv"
-    wanted = {"task": spec.name, "glue_train_sha256": _sha256(train_file),
-              "validation_examples": cfg.validation_examples, "seed": seed,
-              "max_train": cfg.max_train_examples, "min_words": cfg.validation_min_words}
+    wanted = selection_wanted(cfg, task, glue_dir, seed)
     folder, record = Path(root) / "selection-data", Path(root) / "selection-data" / "split.json"
     if record.is_file() and (folder / spec.folder / "dev.tsv").is_file():
         split = json.loads(record.read_text())

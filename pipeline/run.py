@@ -330,12 +330,14 @@ class Run:
             return Path(t.model)
         from pipeline.finetune import finetune
 
-        glue_dir = t.glue_dir or self.glue_dir
+        glue_dir, extra = t.glue_dir or self.glue_dir, None
         if self.cfg.budget.max_drop is not None:
             # The search measures every candidate's drop against the teacher on rows carved from train: a
-            # teacher that trained on them would flatter itself there. It learns from the students' rows.
-            from pipeline.budget import selection_data
+            # teacher that trained on them would flatter itself there. It learns from the students' rows
+            # (and is retrained when the carving changes: the folder's path stays the same).
+            from pipeline.budget import selection_data, selection_wanted
 
+            extra = {"selection": selection_wanted(self.cfg.budget, self.cfg.task, self.glue_dir, self.cfg.seed)}
             if not self.dry_run:
                 selection_data(self.cfg.budget, self.cfg.task, self.glue_dir, self.cfg.seed, self.out / "budget")
             glue_dir = str(self.out / "budget" / "selection-data")
@@ -344,7 +346,7 @@ class Run:
         def work(out, resume):
             finetune(dataclasses.replace(config, out=str(out)), resume=resume, progress=self.progress)
 
-        return self.stage("teacher", config, [t.model], work, wired=("out", "model"))
+        return self.stage("teacher", config, [t.model], work, wired=("out", "model"), extra=extra)
 
     def general_distillation(self) -> Path:
         from pipeline.distill import distill

@@ -203,3 +203,8 @@ def test_a_teacher_finetuned_by_the_run_never_sees_the_carved_rows(tmp_path, sst
     assert len(seen) == len(load_glue("sst2", "train", sst2_dir)) - 48 and not set(seen) & set(carved)
     split = budget_mod.selection_data(cfg.budget, "sst2", str(sst2_dir), 42, tmp_path / "run" / "budget")
     assert split["validation_sha256"] and split["wanted"]["validation_examples"] == 48  # the search finds it made
+    for rows, plan in ((48, "up to date"), (40, "rebuild")):  # other carved rows, same folder: the teacher retrains
+        again = Run(dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, validation_examples=rows)),
+                    progress=False, dry_run=True)
+        again.teacher()
+        assert again.plan["teacher"] == plan
