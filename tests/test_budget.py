@@ -14,6 +14,7 @@ from pipeline.data import load_glue
 from pipeline.data.split import carve_validation
 from pipeline.distill.config import DistillConfig
 from pipeline.errors import BertforgeError
+from pipeline.evaluate import evaluate
 from pipeline.export import ExportConfig
 from pipeline.prune import PruneConfig
 from pipeline.quantize import QuantizeConfig
@@ -196,7 +197,10 @@ def test_a_teacher_finetuned_by_the_run_never_sees_the_carved_rows(tmp_path, sst
         "teacher.loop.epochs=1", "teacher.max_train_examples=64", "budget.max_drop=1",
         "budget.validation_examples=48"])
     folder = Run(cfg, progress=False).teacher()
-    params = json.loads((folder / "bertforge.json").read_text())["params"]
+    manifest = json.loads((folder / "bertforge.json").read_text())
+    params = manifest["params"]
+    assert set(manifest["metrics"]) >= {"selection", "dev"}  # chosen on the carved rows, then scored once on dev
+    assert manifest["metrics"]["dev"] == evaluate(folder, "sst2", sst2_dir, progress=False).metrics
     assert params["glue_dir"] == str(tmp_path / "run" / "budget" / "selection-data")
     carved = carve_validation(load_glue("sst2", "train", sst2_dir), 48, 42)[1]
     seen = load_glue("sst2", "train", params["glue_dir"])
