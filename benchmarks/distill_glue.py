@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import command_line, git_commit, input_checksums, write_results
-from pipeline.artifacts import read_manifest, write_manifest
+from pipeline.artifacts import read_manifest
 from pipeline.data import dev_split, get_task, load_glue, load_train_examples
 from pipeline.data.metrics import margin_retention, trivial_score
 from pipeline.data.split import write_selection_dir
@@ -36,7 +36,7 @@ from pipeline.distill import distill
 from pipeline.distill.config import DistillConfig, TheseusOptions
 from pipeline.distill.students import StudentSpec
 from pipeline.errors import BertforgeError
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import score_dev_once
 from pipeline.training import LoopConfig
 
 # the commit this process started from (a commit made while it runs does not change the code it runs)
@@ -189,10 +189,8 @@ def run_one(task: str, method: str, student: str, args) -> dict:
     wall = time.perf_counter() - start
     # The recipe kept its best checkpoint by the carved rows (its "dev"); now the one dev score.
     selection_metrics = manifest.metrics["dev"]
-    dev_metrics = evaluate(out, task, args.glue_dir, progress=False).metrics
-    manifest.metrics = {"selection": selection_metrics, dev_split(get_task(task)): dev_metrics, "dev": dev_metrics}
-    manifest.params["selection"] = {**split, "note": "best checkpoint kept on rows carved from train; dev scored once"}
-    write_manifest(out, manifest)
+    dev_metrics = score_dev_once(out, task, args.glue_dir, selection={
+        **split, "note": "best checkpoint kept on rows carved from train; dev scored once"})
     student_score = dev_metrics["score"]
     trivial = task_floor(task, args.glue_dir)
     margin = margin_retention(student_score, t_manifest.score, trivial)

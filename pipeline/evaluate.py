@@ -87,6 +87,22 @@ def evaluate(model: str | os.PathLike, task: str, data_dir: str | os.PathLike | 
     return EvalResult(spec.name, split, metrics, len(examples), time.perf_counter() - start)
 
 
+def score_dev_once(folder: str | os.PathLike, task: str, glue_dir: str | os.PathLike | None = None,
+                   max_length: int | None = None, **params) -> dict:
+    """For a model whose best checkpoint was kept on rows carved from train: its manifest keeps that score as
+    "selection" and gains the real dev score (so nothing shows the carved rows' score as dev), plus `params`.
+    Returns the dev metrics."""
+    from pipeline.artifacts import read_manifest, write_manifest
+
+    spec = get_task(task)
+    manifest = read_manifest(folder)
+    dev = evaluate(folder, spec.name, glue_dir, max_length=max_length, progress=False).metrics
+    manifest.metrics = {"selection": manifest.metrics.get("dev"), dev_split(spec): dev, "dev": dev}
+    manifest.params.update(params)
+    write_manifest(folder, manifest)
+    return dev
+
+
 class BestDev:
     """Dev scoring of a live model (TrainLoop's evaluate_fn) and saving of the best one as a plain
     classifier folder (its save_best_fn); `metrics_for_manifest` gives the saved model's dev metrics.

@@ -199,19 +199,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     return cfg
 
 
-def _score_dev_once(folder: Path, task: str, glue_dir: str | None, max_length: int | None) -> None:
-    """A model selected on carved training rows: its manifest keeps that score as "selection" and gains the
-    real dev score, so reports never show the carved rows' score as dev."""
-    from pipeline.artifacts import write_manifest
-    from pipeline.data import dev_split, get_task
-    from pipeline.evaluate import evaluate
-
-    manifest = read_manifest(folder)
-    dev = evaluate(folder, task, glue_dir, max_length=max_length, progress=False).metrics
-    manifest.metrics = {"selection": manifest.metrics.get("dev"), dev_split(get_task(task)): dev, "dev": dev}
-    write_manifest(folder, manifest)
-
-
 def final_stage_name(mode: str) -> str:
     """The last stage's folder, named for what it holds."""
     return "fp16" if mode == "fp16" else "int8"
@@ -359,7 +346,9 @@ class Run:
         def work(out, resume):
             finetune(dataclasses.replace(config, out=str(out)), resume=resume, progress=self.progress)
             if extra:  # its best checkpoint was kept on the carved rows: their score is "selection", dev is scored once
-                _score_dev_once(out, self.cfg.task, self.glue_dir, self.cfg.max_length)
+                from pipeline.evaluate import score_dev_once
+
+                score_dev_once(out, self.cfg.task, self.glue_dir, self.cfg.max_length)
 
         return self.stage("teacher", config, [t.model], work, wired=("out", "model"), extra=extra)
 
