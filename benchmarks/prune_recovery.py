@@ -13,12 +13,14 @@ step is kept, so dev is scored once per variant.
 Part `vocab`: the student's vocabulary trimmed to the word pieces of the SST-2 training rows plus a reserve;
 sizes before/after, the share of dev word pieces lost to [UNK], dev score before/after.
 
-Artifacts go under benchmarks/results/prune_recovery/ (git-ignored); a variant whose folder already has
-its bertforge.json is not rebuilt. Rows go to benchmarks/results/prune_recovery.json; parts not run keep
-their rows from an existing file.
+Artifacts go under benchmarks/results/prune_recovery/<student's weights sha256, 12 digits>/ (git-ignored); a
+variant whose folder already has its bertforge.json is not rebuilt. Rows go to
+benchmarks/results/prune_recovery.json (`--out`); parts not run keep their rows from an existing file made
+from the same student and data, and a file made from another student is started afresh, never mixed.
 
     python benchmarks/prune_recovery.py --student runs/quickstart/student --glue-dir ../shared/glue_data
     python benchmarks/prune_recovery.py --student runs/quickstart/student --parts vocab   # one part again
+    python benchmarks/prune_recovery.py --student S --parts prune --variants prediction,transformer --seeds 0,1,2
 """
 from __future__ import annotations
 
@@ -37,11 +39,16 @@ DEFAULT_TRAIN_ROWS = 1600
 
 
 def variants(args) -> dict[str, dict]:
-    return {
+    """The variants asked for (`--variants`), one-shot prediction-only recovery first: it is the baseline the
+    summary divides by."""
+    every = {
         "one-shot-prediction": {"recovery": "prediction", "steps": 1},
         "one-shot-transformer": {"recovery": "transformer", "steps": 1},
         f"iterative-{args.steps}-transformer": {"recovery": "transformer", "steps": args.steps},
     }
+    kinds = {"one-shot-prediction": "prediction", "one-shot-transformer": "transformer",
+             f"iterative-{args.steps}-transformer": "iterative"}
+    return {name: opts for name, opts in every.items() if kinds[name] in args.variants}
 
 
 def prune_part(args, work: Path, base_score: float) -> dict:
@@ -138,9 +145,19 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[42, 43],
                    help="comma-separated: each variant is run once per seed (data order, importance rows, dropout)")
+    p.add_argument("--variants", type=lambda t: t.split(","), default=["prediction", "transformer", "iterative"],
+                   help="comma-separated: prediction (one-shot, the baseline: always run), transformer (one-shot), "
+                        "iterative")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", default=str(RESULTS / "prune_recovery"), help="artifact folders (git-ignored)")
+    p.add_argument("--work", default=str(RESULTS / "prune_recovery"),
+                   help="artifact folders (git-ignored), one subfolder per student")
+    p.add_argument("--out", default=str(RESULTS / "prune_recovery.json"))
     args = p.parse_args(argv)
+    unknown = set(args.variants) - {"prediction", "transformer", "iterative"}
+    if unknown:
+        p.error(f"unknown variant(s) {sorted(unknown)}: choose from prediction, transformer, iterative")
+    if "prediction" not in args.variants:
+        args.variants.insert(0, "prediction")  # the baseline every ratio is taken against
 
     import torch
 
@@ -149,18 +166,24 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
-    work = Path(args.work)
-    out = RESULTS / "prune_recovery.json"
+    out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
+    checksums = input_checksums(student=args.student, train=Path(args.glue_dir) / "SST-2" / "train.tsv",
+                                dev=Path(args.glue_dir) / "SST-2" / "dev.tsv")
+    if checksums["student"] is None:
+        p.error(f"--student {args.student}: no model weights there")
+    if result.get("inputs_sha256") != checksums:
+        result = {}  # rows made from another student (or data) are never kept beside this one's
+    # one folder per student: a variant folder is reused only for the student it was pruned from
+    work = Path(args.work) / checksums["student"][:12]
     parent = read_manifest(args.student)
     base = evaluate(args.student, "sst2", args.glue_dir, progress=False).metrics["score"]
-    sst2 = Path(args.glue_dir) / "SST-2"
     result.pop("seed", None)  # written by an earlier version
     result.update({
         "task": "sst2", "seeds": args.seeds,
         "student": {"path": args.student, "num_parameters": parent.num_parameters if parent else None,
                     "dev": round(base, 4)},
-        "inputs_sha256": input_checksums(student=args.student, train=sst2 / "train.tsv", dev=sst2 / "dev.tsv"),
+        "inputs_sha256": checksums,
         "selection": "no choice made on dev: settings fixed beforehand, the model after the last recovery step kept, "
                      "dev scored once per variant",
         "note": "2-core machine shared with other jobs; wall times are indicative only. One seed: on SST-2 dev "
