@@ -98,6 +98,10 @@ def score_dev_once(folder: str | os.PathLike, task: str, glue_dir: str | os.Path
     manifest = read_manifest(folder)
     dev = evaluate(folder, spec.name, glue_dir, max_length=max_length, progress=False).metrics
     manifest.metrics = {"selection": manifest.metrics.get("dev"), dev_split(spec): dev, "dev": dev}
+    # the training loop names whichever rows it scored "dev": here they were the carved ones
+    for old, new in (("best_dev_score", "best_selection_score"), ("dev_history", "selection_history")):
+        if old in manifest.params:
+            manifest.params[new] = manifest.params.pop(old)
     manifest.params.update(params)
     write_manifest(folder, manifest)
     return dev

@@ -201,6 +201,7 @@ def test_a_teacher_finetuned_by_the_run_never_sees_the_carved_rows(tmp_path, sst
     params = manifest["params"]
     assert set(manifest["metrics"]) >= {"selection", "dev"}  # chosen on the carved rows, then scored once on dev
     assert manifest["metrics"]["dev"] == evaluate(folder, "sst2", sst2_dir, progress=False).metrics
+    assert "best_selection_score" in params and "best_dev_score" not in params  # nothing calls the carved rows dev
     assert params["glue_dir"] == str(tmp_path / "run" / "budget" / "selection-data")
     carved = carve_validation(load_glue("sst2", "train", sst2_dir), 48, 42)[1]
     seen = load_glue("sst2", "train", params["glue_dir"])
