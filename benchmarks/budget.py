@@ -79,6 +79,8 @@ def row_for(task: str, budget: float, objective: str, out: Path, cmd: list[str],
         **row, "chosen": result["chosen"], "chosen_settings": chosen["settings"],
         "validation_score": chosen["validation_score"], "teacher_validation_score": result["teacher"]["validation_score"],
         "validation_drop_points": chosen["validation_drop_points"],
+        "confidence": result["budget"].get("confidence"),  # null: the budget held against the measured drop
+        "validation_drop_bound_points": chosen.get("validation_drop_bound_points"),
         "dev_score": result["dev"]["chosen"]["score"], "teacher_dev_score": result["dev"]["teacher"]["score"],
         "dev_drop_points": result["dev"]["dev_drop_points"],
         "latency_b1_ms": final["latency_b1_p50_ms"],
@@ -130,7 +132,7 @@ def main() -> None:
                 sys.exit(f"bertforge run failed for {task} at {budget} points")
             rows.append(row_for(task, budget, objective, out, cmd, wall, args))
             print(json.dumps({k: rows[-1].get(k) for k in ("task", "budget", "objective", "chosen", "validation_drop_points",
-                                                           "dev_drop_points", "latency_b1_vs_bert_base_torch_fp32",
+                                                           "validation_drop_bound_points", "dev_drop_points", "latency_b1_vs_bert_base_torch_fp32",
                                                            "size_vs_bert_base_fp32")}), flush=True)
         teacher = out / "teacher" if task in args.finetune_teacher else Path(teachers[task])
         for r in rows:

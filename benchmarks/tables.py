@@ -261,12 +261,15 @@ def budget() -> str:
             continue
         s = r["chosen_settings"]
         what = f"L{s['depth']} h{s['prune'][0]:.0%} f{s['prune'][1]:.0%} {s['vocab']} {s['graph']} {s['quantize']}"
-        table.append([r["task"], f"{r['budget']:g}", r["objective"], what, f"{r['validation_drop_points']:.2f}",
+        rule = r["objective"] + (f", {r['confidence']:.0%} bound" if r.get("confidence") else "")
+        bound = r.get("validation_drop_bound_points")
+        table.append([r["task"], f"{r['budget']:g}", rule, what,
+                      f"{r['validation_drop_points']:.2f}" + (f" (≤ {bound:.2f})" if bound is not None else ""),
                       f"{r['dev_drop_points']:.2f}", _pct(r["dev_score"]), _x(r["latency_b1_vs_bert_base_torch_fp32"]),
                       _x(r["latency_b1_vs_bert_base_ort_int8"]), f"{r['size_bytes'] / 1e6:.1f}",
                       _x(r["size_vs_bert_base_fp32"])])
     note = data.get("note")
-    return _table(["task", "budget (points)", "objective", "chosen", "validation drop", "dev drop", "dev score",
+    return _table(["task", "budget (points)", "objective, rule", "chosen", "validation drop (bound)", "dev drop", "dev score",
                    "× faster vs PyTorch fp32", "× faster vs ORT int8", "MB", "× smaller"], table, left=4) + \
         (f"\n\n{note}" if note else "") + "\n\n" + _commands(*data.get("commands", [data.get("command")]), *(r.get("command") for r in data["rows"]))
 

@@ -21,6 +21,12 @@ an interrupted search resumes where it stopped (a half-trained student from its 
 budget over the same settings reuses every candidate: only the choice changes. A PyTorch node that already
 misses the budget by more than `slack` points is not compressed further (its variants are recorded as
 skipped); a larger budget later builds them.
+
+The carved rows are a sample: with 1,000 of them one row is 0.1 point, and the fastest of forty candidates
+measured "inside" the budget is often the one the sample flattered most. With `confidence` set, a candidate
+counts as inside only if the one-sided upper bound of its drop is: a paired bootstrap over the carved rows
+(teacher and candidate scored on the same resampled rows), so the chosen artifact's
+budget holds on unseen rows at that confidence rather than on average.
 """
 from __future__ import annotations
 
@@ -72,6 +78,10 @@ class BudgetConfig:
                                            "is mostly short phrases, its dev whole sentences: 10 makes them alike)")
     max_train_examples: int | None = setting(None, "training rows left for the students and pruning (default: all)")
     slack: float = setting(1.0, "a PyTorch node missing the budget by more points than this is not compressed further")
+    confidence: float | None = setting(None, "inside the budget only if the drop's one-sided upper bound at this "
+                                             "confidence is (paired bootstrap over the carved rows, e.g. 0.9); "
+                                             "null: the measured drop")
+    bootstrap_resamples: int = setting(1000, "resamples of the confidence bound")
     latency_seq_len: int = setting(128, "sequence length of the batch-1 latency")
     latency_seconds: float = setting(1.0, "measured seconds per candidate (round robin with the others)")
 
@@ -82,6 +92,10 @@ class BudgetConfig:
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad or not getattr(self, name):
                 raise BertforgeError(f"budget.{name}: choose from {', '.join(allowed)} (got {bad or 'nothing'})")
+        if self.confidence is not None and not 0.5 <= self.confidence < 1:
+            raise BertforgeError(f"budget.confidence: a probability in [0.5, 1), got {self.confidence}")
+        if self.bootstrap_resamples < 100:
+            raise BertforgeError(f"budget.bootstrap_resamples: at least 100, got {self.bootstrap_resamples}")
         if not self.depths or min(self.depths) < 1:
             raise BertforgeError("budget.depths: one or more layer counts >= 1")
         if not self.prune_grid and len(self.heads) != len(self.ffn):
@@ -261,16 +275,23 @@ class Search:
         train = load_glue(self.task.name, "train", self.inputs.glue_dir)
         return carve_validation(train, self.cfg.validation_examples, self.inputs.seed, self.cfg.validation_min_words)[0]
 
-    def score(self, folder: Path) -> dict:
-        """Metrics on the carved validation rows (never dev), once per artifact."""
+    def score(self, folder: Path, need_predictions: bool = False) -> dict:
+        """Metrics on the carved validation rows (never dev), once per artifact; its predictions are kept
+        beside them for the confidence bound (a search saved before they were is rescored when one is asked)."""
         from pipeline.evaluate import evaluate
 
         scores = self.state.setdefault("validation_scores", {})
+        predictions = self.state.setdefault("validation_predictions", {})
         key = _input_id(folder)
-        if key not in scores:
-            scores[key] = evaluate(str(folder), self.task.name, examples=self.validation,
-                                   max_length=self.max_length, progress=False).metrics
+        if key not in scores or (need_predictions and key not in predictions):
+            result = evaluate(str(folder), self.task.name, examples=self.validation, max_length=self.max_length,
+                              progress=False)
+            scores[key], predictions[key] = result.metrics, result.predictions.tolist()
         return scores[key]
+
+    def predictions(self, folder: Path) -> list:
+        self.score(folder, need_predictions=True)
+        return self.state["validation_predictions"][_input_id(folder)]
 
     def importance(self, student: Path, cfg) -> tuple:
         """One head/FFN ranking per student, every pruning level cut from it (kept on disk for a resume)."""
@@ -410,13 +431,24 @@ class Search:
             n["latency_threads"] = threads
         self.save()
 
+    def drop_bound(self, folder: Path) -> float:
+        """The candidate's drop against the teacher, upper bound at `confidence` (points)."""
+        labels = [ex.label for ex in self.validation]
+        return drop_upper_bound(self.task.name, self.predictions(self.inputs.teacher), self.predictions(folder),
+                                labels, self.cfg.confidence, self.cfg.bootstrap_resamples, self.inputs.seed)
+
     def choose(self, leaves: list[dict]) -> dict:
         cfg = self.cfg
         rows = []
+        if cfg.confidence is not None:
+            self.log(f"bounding the drops at confidence {cfg.confidence:g}")
         for n in leaves:
             drop = self.drop_of(n["validation"])
+            bound = self.drop_bound(Path(n["folder"])) if cfg.confidence is not None else None
             misses = []
-            if drop > cfg.max_drop:
+            if bound is not None and bound > cfg.max_drop:
+                misses.append(f"drop bound {bound:.2f} > {cfg.max_drop:g} points (measured {drop:.2f})")
+            elif drop > cfg.max_drop:
                 misses.append(f"drop {drop:.2f} > {cfg.max_drop:g} points")
             if cfg.max_latency_ms is not None and n["latency_ms"] > cfg.max_latency_ms:
                 misses.append(f"latency {n['latency_ms']:.2f} > {cfg.max_latency_ms:g} ms")
@@ -424,7 +456,8 @@ class Search:
                 misses.append(f"size {n['size_bytes'] / 1e6:.2f} > {cfg.max_size_mb:g} MB")
             rows.append({"name": n["name"], "folder": n["folder"], "settings": n["settings"],
                          "validation_score": n["validation"]["score"], "validation_metrics": n["validation"],
-                         "validation_drop_points": drop, "latency_ms": n["latency_ms"], "size_bytes": n["size_bytes"],
+                         "validation_drop_points": drop, "validation_drop_bound_points": bound,
+                         "latency_ms": n["latency_ms"], "size_bytes": n["size_bytes"],
                          "build_s": n.get("build_s"), "feasible": not misses, "misses": misses})
         order = (lambda r: (r["latency_ms"], r["size_bytes"])) if cfg.objective == "latency" else \
             (lambda r: (r["size_bytes"], r["latency_ms"]))
@@ -442,11 +475,60 @@ class Search:
                                       "run; candidates measured in earlier runs keep their figures"},
                   "candidates": rows, "chosen": feasible[0]["name"] if feasible else None}
         if not feasible:
-            best = min(rows, key=lambda r: r["validation_drop_points"], default=None)
+            def judged(r):  # what the budget was held against
+                return r["validation_drop_bound_points"] if cfg.confidence is not None else r["validation_drop_points"]
+            best = min(rows, key=judged, default=None)
+            what = f"drop bound at confidence {cfg.confidence:g}" if cfg.confidence is not None else "drop"
             result["why_none"] = (f"no candidate within {cfg.max_drop:g} points" +
-                                  (f" (the closest, {best['name']}, drops {best['validation_drop_points']:.2f})"
+                                  (f" (the closest, {best['name']}: {what} {judged(best):.2f})"
                                    if best else " (every node was skipped)"))
         return result
+
+
+def drop_upper_bound(task: str, teacher: list, candidate: list, labels: list, confidence: float,
+                     resamples: int = 1000, seed: int = 0) -> float:
+    """One-sided upper bound (points) of teacher score minus candidate score at `confidence`: a paired
+    percentile bootstrap over the rows, the task's metric recomputed on each resample. The resamples are
+    fixed by `seed` (and the row count), so every candidate of a search is bounded on the same ones."""
+    import numpy as np
+
+    t, c, y = np.asarray(teacher), np.asarray(candidate), np.asarray(labels)
+    if np.array_equal(t, c):
+        return 0.0  # the same answers on every row: no resample can tell them apart
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(resamples, len(y)))
+    drops = 100 * (resampled_scores(task, t[idx], y[idx]) - resampled_scores(task, c[idx], y[idx]))
+    return round(float(np.quantile(drops, confidence)), 3)
+
+
+def resampled_scores(task: str, preds, gold):
+    """The task's score (pipeline.data.compute_metrics) of each row of [resamples, rows] arrays at once:
+    sklearn's per-call cost, a thousand times per candidate, would dominate a search's choice. Accuracy,
+    binary F1 and Matthews are computed from counts (0 where undefined, as sklearn returns);
+    correlations go through compute_metrics row by row."""
+    import numpy as np
+
+    from pipeline.data import compute_metrics, get_task
+
+    spec = get_task(task)
+    if spec.is_regression:
+        with np.errstate(all="ignore"):  # a constant resample has no correlation: nan, as scipy gives
+            return np.array([compute_metrics(task, p, g)["score"] for p, g in zip(preds, gold)])
+    tp = ((preds == 1) & (gold == 1)).sum(1).astype(float)
+    tn = ((preds == 0) & (gold == 0)).sum(1).astype(float)
+    fp = ((preds == 1) & (gold == 0)).sum(1).astype(float)
+    fn = ((preds == 0) & (gold == 1)).sum(1).astype(float)
+    values = []
+    for name in spec.metrics:
+        if name == "accuracy":
+            values.append((preds == gold).mean(1))
+        elif name == "f1":
+            values.append(np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0))
+        elif name == "matthews_correlation":
+            denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+            values.append(np.divide(tp * tn - fp * fn, denom, out=np.zeros_like(tp), where=denom > 0))
+        else:
+            raise ValueError(f"no resampled form of {name}")
+    return np.mean(values, axis=0)
 
 
 def pareto_front(rows: list[dict]) -> list[str]:

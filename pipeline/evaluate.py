@@ -36,6 +36,7 @@ class EvalResult:
     metrics: dict[str, float]
     num_examples: int
     wall_s: float
+    predictions: np.ndarray | None = None  # class ids (STS-B: scores) in input order, for paired statistics
 
     def as_dict(self) -> dict:
         return {"task": self.task, "split": self.split, "metrics": self.metrics,
@@ -83,8 +84,9 @@ def evaluate(model: str | os.PathLike, task: str, data_dir: str | os.PathLike | 
         raise BertforgeError(f"split {split} of {spec.name} has no labels to score against")
     start = time.perf_counter()
     logits = predict_logits(runtime, examples, spec, max_length or spec.default_max_length, batch_size, progress)
-    metrics = compute_metrics(spec.name, logits_to_predictions(spec.name, logits), [ex.label for ex in examples])
-    return EvalResult(spec.name, split, metrics, len(examples), time.perf_counter() - start)
+    predictions = logits_to_predictions(spec.name, logits)
+    metrics = compute_metrics(spec.name, predictions, [ex.label for ex in examples])
+    return EvalResult(spec.name, split, metrics, len(examples), time.perf_counter() - start, predictions)
 
 
 def score_dev_once(folder: str | os.PathLike, task: str, glue_dir: str | os.PathLike | None = None,

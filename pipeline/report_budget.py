@@ -42,7 +42,9 @@ def budget_section(path: str | Path) -> dict:
             _fmt(r["latency_ms"], ".3g"), _fmt(r["size_bytes"] / 1e6, ".2f"), "yes" if r["feasible"] else "no"]})
     dev = data.get("dev") or {}
     teacher_val = 100 * data["teacher"]["validation_score"]
-    summary = (f"Budget: at most {b['max_drop']:g} points below the teacher's validation score ({teacher_val:.2f}), "
+    summary = (f"Budget: at most {b['max_drop']:g} points below the teacher's validation score ({teacher_val:.2f})"
+               + (f", held against the drop's one-sided {b['confidence']:.0%} upper bound (paired bootstrap over the "
+                  f"validation rows)" if b.get("confidence") else "") + ", "
                f"objective: {'lowest batch-1 latency' if b['objective'] == 'latency' else 'smallest size on disk'}"
                + (f", latency ≤ {b['max_latency_ms']:g} ms" if b.get("max_latency_ms") else "")
                + (f", size ≤ {b['max_size_mb']:g} MB" if b.get("max_size_mb") else "")
@@ -54,7 +56,9 @@ def budget_section(path: str | Path) -> dict:
     chosen = next((r for r in rows if r["name"] == data.get("chosen")), None)
     if chosen:
         summary += (f" Chosen: {chosen['name']}, validation {100 * chosen['validation_score']:.2f} "
-                    f"(drop {chosen['validation_drop_points'] or 0.0:.2f} points)")
+                    f"(drop {chosen['validation_drop_points'] or 0.0:.2f} points"
+                    + (f", upper bound {chosen['validation_drop_bound_points']:.2f}"
+                       if chosen.get("validation_drop_bound_points") is not None else "") + ")")
         if dev:
             summary += (f"; dev, scored once after the choice: {100 * dev['chosen']['score']:.2f} against the "
                         f"teacher's {100 * dev['teacher']['score']:.2f} (drop {dev['dev_drop_points'] or 0.0:.2f} points)")

@@ -100,6 +100,28 @@ def test_a_tighter_budget_rechooses_without_rebuilding(searched):
 
 
 @pytest.mark.slow
+def test_a_confidence_bound_holds_the_budget_against_the_drops_upper_bound(searched):
+    root, cfg, _ = searched
+    state = json.loads((root / "run" / "budget" / "search.json").read_text())
+    before = {k: n.get("built_at") for k, n in state["nodes"].items()}
+
+    def rechoose(max_drop):
+        run_pipeline(dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, max_drop=max_drop,
+                                                                         confidence=0.9)), progress=False)
+        return _result(root)
+
+    rows = rechoose(100.0)["candidates"]
+    assert all(r["validation_drop_bound_points"] is not None for r in rows)
+    max_drop = sorted(r["validation_drop_bound_points"] for r in rows)[len(rows) // 2]
+    result = rechoose(max_drop)
+    inside = [r for r in result["candidates"] if r["validation_drop_bound_points"] <= max_drop]
+    assert result["chosen"] == min(inside, key=lambda r: r["latency_ms"])["name"]
+    assert all(r["feasible"] == (r in inside) for r in result["candidates"])
+    after = json.loads((root / "run" / "budget" / "search.json").read_text())
+    assert {k: n.get("built_at") for k, n in after["nodes"].items()} == before  # only the choice changed
+
+
+@pytest.mark.slow
 def test_report_draws_the_pareto_front(searched):
     root, _, made = searched
     html = (made["report"] / "report.html").read_text()
@@ -213,3 +235,27 @@ def test_a_teacher_finetuned_by_the_run_never_sees_the_carved_rows(tmp_path, sst
                     progress=False, dry_run=True)
         again.teacher()
         assert again.plan["teacher"] == plan
+
+
+def test_the_drop_bound_is_a_paired_bootstrap_of_the_tasks_own_metric():
+    import numpy as np
+
+    from pipeline.budget import drop_upper_bound, resampled_scores
+    from pipeline.data import compute_metrics
+
+    rng = np.random.default_rng(0)
+    for task in ("sst2", "mrpc", "cola"):  # accuracy; accuracy and F1; Matthews, each from counts
+        preds, gold = rng.integers(0, 2, (20, 30)), rng.integers(0, 2, (20, 30))
+        preds[0] = 1  # a constant prediction: Matthews undefined, 0 as sklearn gives
+        assert np.allclose(resampled_scores(task, preds, gold), [compute_metrics(task, p, g)["score"]
+                                                                 for p, g in zip(preds, gold)])
+    gold = rng.integers(0, 2, 1000)
+    teacher = np.where(np.arange(1000) < 80, 1 - gold, gold)  # 92% right
+    worse = np.where((np.arange(1000) >= 100) & (np.arange(1000) < 110), 1 - teacher, teacher)  # 10 rows more wrong
+    bounds = [drop_upper_bound("sst2", teacher, worse, gold, c) for c in (0.5, 0.9, 0.99)]
+    assert bounds[0] == pytest.approx(1.0, abs=0.2)  # the median resample: the measured 1.0 point
+    assert bounds[0] < bounds[1] < bounds[2]  # more confidence, a wider margin
+    assert bounds[1] == drop_upper_bound("sst2", teacher, worse, gold, 0.9)  # the seed fixes the resamples
+    assert drop_upper_bound("sst2", teacher, teacher, gold, 0.9) == 0.0
+    with pytest.raises(BertforgeError, match="confidence"):
+        BudgetConfig(max_drop=1, confidence=1.5).check()

@@ -16,6 +16,9 @@ def add_parser(sub):
     b.add_argument("--objective", choices=("latency", "size"), help="what the search minimises (default: latency)")
     b.add_argument("--max-latency-ms", type=float, metavar="MS", help="optional ceiling on batch-1 latency")
     b.add_argument("--max-size-mb", type=float, metavar="MB", help="optional ceiling on the model file size")
+    b.add_argument("--confidence", type=float, metavar="P",
+                   help="hold the budget against the drop's one-sided upper bound at confidence P (e.g. 0.9; a "
+                        "paired bootstrap over the carved rows) instead of the measured drop")
     p.set_defaults(func=run)
 
 
@@ -24,7 +27,7 @@ def run(args):
     from pipeline.run import load_run_config, plan_pipeline, run_pipeline
 
     flags = {"max_drop": args.max_drop, "objective": args.objective, "max_latency_ms": args.max_latency_ms,
-             "max_size_mb": args.max_size_mb}
+             "max_size_mb": args.max_size_mb, "confidence": args.confidence}
     cfg = load_run_config(args.config, [*args.set, *(f"budget.{k}={v}" for k, v in flags.items() if v is not None)])
     if args.dry_run:
         print_json(plan_pipeline(cfg))
