@@ -233,6 +233,9 @@ def test_cli_bench_and_report(models, tmp_path, capsys):
     data = read_bench(out)
     assert [a["name"] for a in data["artifacts"]] == ["my-student", "bert-base-torch-fp32", "bert-base-ort-int8"]
     assert data["command"].startswith("bertforge bench --models my-student=") and "--baseline" in data["command"]
+    # every flag given is in the record, so the command reruns the same measurement
+    assert all(flag in data["command"] for flag in ("--min-seconds 0.05", "--cold-start inprocess", "--warmup 1",
+                                                    "--baseline-dir", "--baseline-shape"))
     capsys.readouterr()
     assert main(["report", "--bench", str(out), "--out", str(tmp_path / "report")]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -24,27 +24,26 @@ def add_parser(sub):
                    help="override BertConfig fields of the shape-only baseline (e.g. a small stand-in for a quick check)")
     p.add_argument("--final", default=None, help="name of the final artifact for the report (default: the last model)")
     p.add_argument("--teacher", default=None, help="name or path of the teacher (default: found from stages and lineage)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def command_line(args) -> str:
-    """The command as the user would retype it (quoted in the report)."""
-    parts = ["bertforge bench --models", *args.models, "--out", args.out,
-             "--batch-sizes", *map(str, args.batch_sizes), "--seq-lens", *map(str, args.seq_lens)]
-    if args.threads:
-        parts += ["--threads", str(args.threads)]
-    if args.device != "auto":
-        parts += ["--device", args.device]
-    if args.texts:
-        parts += ["--texts", args.texts] + (["--texts-limit", str(args.texts_limit)] if args.texts_limit else [])
-        parts += ["--text-batch-sizes", *map(str, args.text_batch_sizes)]
-    if args.baseline:
-        parts.append("--baseline")
-        if args.baseline_model != "bert-base-uncased":
-            parts += ["--baseline-model", args.baseline_model]
-    for flag in ("final", "teacher"):
-        if getattr(args, flag):
-            parts += [f"--{flag}", getattr(args, flag)]
+    """The command as the user would retype it (quoted in the report): every flag whose value differs from its
+    default, read off the parser, so a new flag can never go missing from the record."""
+    parts = ["bertforge bench"]
+    for action in args.parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default and action.required is False:
+            continue
+        flag = action.option_strings[-1]
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
     return " ".join(parts)
 
 
