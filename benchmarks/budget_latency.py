@@ -3,7 +3,7 @@
 Each budget.json row carries the ratio its own run measured, but those runs shared the machine with other
 jobs, and load does not slow every model alike: a 250 ms BERT-base call is preempted far more often than a
 5 ms one, so a loaded machine inflates the ratios (one SST-2 artifact measured 57x and 82x against BERT-base
-in two loaded runs, 55x here). This script takes each distinct chosen artifact (from its run folder under
+in two loaded runs, 57x quiet). This script takes each distinct chosen artifact (from its run folder under
 `--work`, named by the row's command), benches them all with BERT-base (PyTorch fp32 and ONNX Runtime
 int8) in one `bertforge bench` run at batch 1, one thread, and writes benchmarks/results/budget_latency.json:
 one row per budget.json row with the quiet ratios beside the in-run ones, the command, the git commit and
