@@ -504,15 +504,20 @@ def resampled_scores(task: str, preds, gold):
     """The task's score (pipeline.data.compute_metrics) of each row of [resamples, rows] arrays at once:
     sklearn's per-call cost, a thousand times per candidate, would dominate a search's choice. Accuracy,
     binary F1 and Matthews are computed from counts (0 where undefined, as sklearn returns);
-    correlations go through compute_metrics row by row."""
+    correlations go through compute_metrics row by row (0 where undefined too: a NaN would compare as
+    "inside" any budget)."""
+    import warnings
+
     import numpy as np
 
     from pipeline.data import compute_metrics, get_task
 
     spec = get_task(task)
     if spec.is_regression:
-        with np.errstate(all="ignore"):  # a constant resample has no correlation: nan, as scipy gives
-            return np.array([compute_metrics(task, p, g)["score"] for p, g in zip(preds, gold)])
+        with np.errstate(all="ignore"), warnings.catch_warnings():  # constant predictions: no correlation
+            warnings.simplefilter("ignore")
+            scores = np.array([compute_metrics(task, p, g)["score"] for p, g in zip(preds, gold)])
+        return np.nan_to_num(scores, nan=0.0)
     tp = ((preds == 1) & (gold == 1)).sum(1).astype(float)
     tn = ((preds == 0) & (gold == 0)).sum(1).astype(float)
     fp = ((preds == 1) & (gold == 0)).sum(1).astype(float)

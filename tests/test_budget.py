@@ -257,5 +257,8 @@ def test_the_drop_bound_is_a_paired_bootstrap_of_the_tasks_own_metric():
     assert bounds[0] < bounds[1] < bounds[2]  # more confidence, a wider margin
     assert bounds[1] == drop_upper_bound("sst2", teacher, worse, gold, 0.9)  # the seed fixes the resamples
     assert drop_upper_bound("sst2", teacher, teacher, gold, 0.9) == 0.0
+    scores = rng.random(200) * 5  # STS-B: a collapsed model (one constant score) has no correlation, scored 0
+    assert drop_upper_bound("stsb", scores + rng.normal(0, 0.3, 200), np.full(200, 2.5), scores, 0.9,
+                            resamples=100) > 80
     with pytest.raises(BertforgeError, match="confidence"):
         BudgetConfig(max_drop=1, confidence=1.5).check()
