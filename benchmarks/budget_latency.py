@@ -52,6 +52,7 @@ def main(argv=None) -> None:
         if not (folder / "config.json").is_file():
             raise SystemExit(f"{folder}: not there (run benchmarks/budget.py with the row's command first)")
         names.setdefault(folder, f"{r['task']}-{r['chosen']}")
+    checksums = {folder: input_checksums(model=folder)["model"] for folder in names}  # once per artifact
     with tempfile.TemporaryDirectory() as tmp:
         bench_out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "pipeline.cli", "bench", "--models", *(f"{n}={f}" for f, n in names.items()),
@@ -64,14 +65,15 @@ def main(argv=None) -> None:
     torch_fp32, ort_int8 = p50["bert-base-torch-fp32"], p50["bert-base-ort-int8"]
     out_rows = []
     for r in rows:
-        name = names[chosen_folder(r)]
+        folder = chosen_folder(r)
+        name = names[folder]
         out_rows.append({
             "task": r["task"], "budget": r["budget"], "objective": r["objective"], "confidence": r.get("confidence"),
             "chosen": r["chosen"], "dev_drop_points": r["dev_drop_points"], "latency_b1_ms": p50[name],
             "latency_b1_vs_bert_base_torch_fp32": round(torch_fp32 / p50[name], 2),
             "latency_b1_vs_bert_base_ort_int8": round(ort_int8 / p50[name], 2),
             "in_run_latency_b1_vs_bert_base_torch_fp32": r["latency_b1_vs_bert_base_torch_fp32"],
-            "model_sha256": input_checksums(model=chosen_folder(r))["model"],
+            "model_sha256": checksums[folder],
         })
     write_results(args.out, {
         "benchmark": "the chosen artifacts of budget.json against BERT-base, one bench run, batch 1, sequence 128",

@@ -446,10 +446,9 @@ class Search:
             drop = self.drop_of(n["validation"])
             bound = self.drop_bound(Path(n["folder"])) if cfg.confidence is not None else None
             misses = []
-            if bound is not None and bound > cfg.max_drop:
-                misses.append(f"drop bound {bound:.2f} > {cfg.max_drop:g} points (measured {drop:.2f})")
-            elif drop > cfg.max_drop:
-                misses.append(f"drop {drop:.2f} > {cfg.max_drop:g} points")
+            if (drop if bound is None else bound) > cfg.max_drop:
+                misses.append(f"drop {drop:.2f} > {cfg.max_drop:g} points" if bound is None else
+                              f"drop bound {bound:.2f} > {cfg.max_drop:g} points (measured {drop:.2f})")
             if cfg.max_latency_ms is not None and n["latency_ms"] > cfg.max_latency_ms:
                 misses.append(f"latency {n['latency_ms']:.2f} > {cfg.max_latency_ms:g} ms")
             if cfg.max_size_mb is not None and n["size_bytes"] / 1e6 > cfg.max_size_mb:
@@ -475,12 +474,11 @@ class Search:
                                       "run; candidates measured in earlier runs keep their figures"},
                   "candidates": rows, "chosen": feasible[0]["name"] if feasible else None}
         if not feasible:
-            def judged(r):  # what the budget was held against
-                return r["validation_drop_bound_points"] if cfg.confidence is not None else r["validation_drop_points"]
-            best = min(rows, key=judged, default=None)
-            what = f"drop bound at confidence {cfg.confidence:g}" if cfg.confidence is not None else "drop"
+            key = "validation_drop_points" if cfg.confidence is None else "validation_drop_bound_points"
+            best = min(rows, key=lambda r: r[key], default=None)
+            what = "drop" if cfg.confidence is None else f"drop bound at confidence {cfg.confidence:g}"
             result["why_none"] = (f"no candidate within {cfg.max_drop:g} points" +
-                                  (f" (the closest, {best['name']}: {what} {judged(best):.2f})"
+                                  (f" (the closest, {best['name']}: {what} {best[key]:.2f})"
                                    if best else " (every node was skipped)"))
         return result
 
