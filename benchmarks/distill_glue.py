@@ -12,10 +12,11 @@ schedule it ran under ("schedule"), and the flags override it.
 Selection never sees the dev set that is reported: per (task, seed), a tenth of the training rows (at
 most 1,000) is carved off by the seed (`pipeline.data.split`) into students/<task>/selection-seed<S>/;
 the students train on the rest and keep their best checkpoint on the carved rows, and dev is scored once,
-after. An augmented --train-file must be made from that folder's train.tsv (`bertforge augment
---input-file ...`), so that no carved sentence reaches training in another form.
+after. Augmented rows (`--augment`) are made per seed from that folder's train.tsv, so that no carved
+sentence reaches training in another form (a --train-file must be made the same way).
 
     python benchmarks/distill_glue.py --glue-dir ../shared/glue_data
+    python benchmarks/distill_glue.py --tasks cola --methods tinybert --augment
     python benchmarks/distill_glue.py --tasks rte --methods tinybert --max-train-examples 64 --max-steps-per-epoch 2
 """
 from __future__ import annotations
@@ -162,6 +163,34 @@ def check_train_file(train_file: str | None, selection: Path, task: str) -> None
         raise BertforgeError(f"{train_file} was not augmented from {expected} (the carved split's training rows)")
 
 
+def augmented_file(task: str, args) -> Path:
+    """The seed's augmented training rows (GloVe candidates, the augmenter's defaults, drawn with the
+    seed), made from its carved split's train.tsv once and reused by every method of that seed."""
+    from pipeline.distill.augment import AugmentConfig, augment_dataset, manifest_path
+
+    selection, _ = selection_split(task, args)
+    source = selection / get_task(task).folder / "train.tsv"
+    out = RESULTS / "augmented" / f"{task}-seed{args.seed}.tsv"
+    manifest = manifest_path(out)
+    if manifest.is_file() and out.is_file():
+        info = json.loads(manifest.read_text())
+        if Path(info["input"]).resolve() == source.resolve() and info["params"]["seed"] == args.seed:
+            return out
+    print(f"augmenting {task} seed {args.seed} from {source.relative_to(RESULTS)}", flush=True)
+    augment_dataset(AugmentConfig(task=task, out=str(out), input_file=str(source), seed=args.seed,
+                                  num_threads=args.threads), progress=not args.quiet)
+    return out
+
+
+def augmentation(train_file: str | None) -> dict | None:
+    """What an augmented train file was made with (from the manifest `bertforge augment` wrote beside it)."""
+    manifest = Path(str(train_file) + ".json") if train_file else None
+    if not manifest or not manifest.is_file():
+        return None
+    info = json.loads(manifest.read_text())
+    return {k: info.get(k) for k in ("candidates", "params", "examples_in", "examples_out")}
+
+
 def run_one(task: str, method: str, student: str, args) -> dict:
     teacher = RESULTS / "teachers" / task
     t_manifest = read_manifest(teacher)
@@ -208,6 +237,7 @@ def run_one(task: str, method: str, student: str, args) -> dict:
                                                "method_options": options},
         "metrics": dev_metrics, "train_loss": manifest.params.get("train_loss"),
         "artifact": str(out), "command": command_line(), "git_commit": COMMIT,
+        "augmentation": augmentation(cfg.train_file),
         "inputs": {"teacher_sha256": teacher_sha(task),
                    "train_file_sha256": input_checksums(train_file=cfg.train_file)["train_file"]},
     }
@@ -242,6 +272,9 @@ def main() -> None:
     p.add_argument("--prediction-lr", type=float, default=3e-5)
     p.add_argument("--train-file", action="append", default=[], metavar="TASK=TSV",
                    help="e.g. augmented data from `bertforge augment` (repeatable)")
+    p.add_argument("--augment", action="store_true",
+                   help="train on augmented rows made per seed from its carved split (GloVe candidates), "
+                        "for the tasks without a --train-file")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--validation-max", type=int, default=1000,
                    help="most training rows carved (a tenth of train, by the seed) for checkpoint selection")
@@ -265,10 +298,13 @@ def main() -> None:
         print(f"dropping {len(stale)} rows made against another teacher or schedule")
         rows = [r for r in rows if r not in stale]
     done = {(r["task"], r["method"], r["student"], r["seed"]) for r in rows}
+    given = dict(args.train_file)
     for name in args.tasks:
         task = get_task(name).name
         for seed in args.seeds:
             args.seed = seed
+            if args.augment and task not in given:
+                args.train_file[task] = str(augmented_file(task, args))
             for student in args.students:
                 for method in args.methods:
                     if (task, row_method(task, method, args), student, seed) in done:
