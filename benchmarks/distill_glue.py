@@ -17,6 +17,7 @@ sentence reaches training in another form (a --train-file must be made the same 
 
     python benchmarks/distill_glue.py --glue-dir ../shared/glue_data
     python benchmarks/distill_glue.py --tasks cola --methods tinybert --augment
+    python benchmarks/distill_glue.py --tasks cola --methods tinybert --augment mlm-head
     python benchmarks/distill_glue.py --tasks rte --methods tinybert --max-train-examples 64 --max-steps-per-epoch 2
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pipeline.training import LoopConfig
 COMMIT = git_commit()
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")
+MODEL = "all-MiniLM-L6-v2"  # the teachers' pretrained backbone
 METHODS = ("tinybert", "pred-only", "labels-only")
 # Students with at most half of the teacher's 6 layers. Without a general-distilled student at hand,
 # initialising from the teacher's own layers (2, 4, 6) is the practical start (DistilBERT style).
@@ -72,7 +74,7 @@ def _write_random_config() -> Path:
 
     path = RESULTS / "students" / "L3-H384-random.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = AutoConfig.from_pretrained(resolve_model("all-MiniLM-L6-v2"))
+    config = AutoConfig.from_pretrained(resolve_model(MODEL))
     config.num_hidden_layers = 3
     config.to_json_file(path)
     return path
@@ -164,20 +166,26 @@ def check_train_file(train_file: str | None, selection: Path, task: str) -> None
 
 
 def augmented_file(task: str, args) -> Path:
-    """The seed's augmented training rows (GloVe candidates, the augmenter's defaults, drawn with the
-    seed), made from its carved split's train.tsv once and reused by every method of that seed."""
+    """The seed's augmented training rows (the augmenter's defaults, drawn with the seed), made from its
+    carved split's train.tsv once and reused by every method of that seed. Candidates (`--augment`):
+    GloVe neighbours for every word, or (`mlm-head`) the paper's masked-LM predictions for single-piece
+    words from a head fitted on the frozen pretrained backbone over those same rows
+    (pipeline/distill/mlm_head.py; no pretrained masked LM is offline), GloVe for the rest."""
     from pipeline.distill.augment import AugmentConfig, augment_dataset, manifest_path
 
     selection, _ = selection_split(task, args)
     source = selection / get_task(task).folder / "train.tsv"
-    out = RESULTS / "augmented" / f"{task}-seed{args.seed}.tsv"
+    kind = "" if args.augment == "glove" else f"-{args.augment}"
+    out = RESULTS / "augmented" / f"{task}{kind}-seed{args.seed}.tsv"
     manifest = manifest_path(out)
     if manifest.is_file() and out.is_file():
         info = json.loads(manifest.read_text())
-        if Path(info["input"]).resolve() == source.resolve() and info["params"]["seed"] == args.seed:
+        if (Path(info["input"]).resolve() == source.resolve() and info["params"]["seed"] == args.seed
+                and bool(info.get("mlm_head")) == (args.augment == "mlm-head")):
             return out
-    print(f"augmenting {task} seed {args.seed} from {source.relative_to(RESULTS)}", flush=True)
+    print(f"augmenting {task} seed {args.seed} ({args.augment}) from {source.relative_to(RESULTS)}", flush=True)
     augment_dataset(AugmentConfig(task=task, out=str(out), input_file=str(source), seed=args.seed,
+                                  mlm_head_on=MODEL if args.augment == "mlm-head" else None,
                                   num_threads=args.threads), progress=not args.quiet)
     return out
 
@@ -272,9 +280,9 @@ def main() -> None:
     p.add_argument("--prediction-lr", type=float, default=3e-5)
     p.add_argument("--train-file", action="append", default=[], metavar="TASK=TSV",
                    help="e.g. augmented data from `bertforge augment` (repeatable)")
-    p.add_argument("--augment", action="store_true",
-                   help="train on augmented rows made per seed from its carved split (GloVe candidates), "
-                        "for the tasks without a --train-file")
+    p.add_argument("--augment", nargs="?", const="glove", choices=["glove", "mlm-head"], default=None,
+                   help="train on augmented rows made per seed from its carved split, for the tasks without "
+                        "a --train-file; candidates: GloVe (default) or a masked-LM head fitted on the backbone")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--validation-max", type=int, default=1000,
                    help="most training rows carved (a tenth of train, by the seed) for checkpoint selection")
