@@ -122,7 +122,7 @@ def distill() -> str:
         if selection and (key[0] not in chosen or _mean_sd(selection)[0] > chosen[key[0]][0]):
             chosen[key[0]] = (_mean_sd(selection)[0], key)
     table = []
-    tinybert, tinybert_aug, recipe = {}, {}, {}
+    tinybert, tinybert_aug, recipe = {}, {}, {}  # tinybert_aug: per augmentation source
     for key in sorted(groups, key=lambda k: (TASK_ORDER.index(k[0]), _method_key(k[1]), k[2])):
         task, method, _ = key
         rs = groups[key]
@@ -133,7 +133,7 @@ def distill() -> str:
         if method == "tinybert":
             tinybert[task] = retention
         elif method.startswith("tinybert+aug"):
-            tinybert_aug[task] = retention
+            tinybert_aug.setdefault(method, {})[task] = retention
         picked = task in chosen and chosen[task][1] == key
         if picked:
             recipe[task] = (method, retention)
@@ -149,10 +149,11 @@ def distill() -> str:
                   "retention", "margin retention",
                   "params (student / teacher)", "examples processed", "minutes per seed"], table)
     summaries = [("TinyBERT", tinybert)]
-    if tinybert_aug:  # the paper's TinyBERT trains on augmented rows; tasks not augmented here keep their plain row
-        plain = sorted(set(tinybert) - set(tinybert_aug), key=TASK_ORDER.index)
-        summaries.append(("TinyBERT with augmentation" + (f" ({', '.join(plain)} without)" if plain else ""),
-                          {**tinybert, **tinybert_aug}))
+    # the paper's TinyBERT trains on augmented rows; tasks not augmented here keep their plain row
+    for method, augmented in sorted(tinybert_aug.items()):
+        plain = sorted(set(tinybert) - set(augmented), key=TASK_ORDER.index)
+        summaries.append((f"{method}" + (f" ({', '.join(plain)} without)" if plain else ""),
+                          {**tinybert, **augmented}))
     if any(method != "tinybert" for method, _ in recipe.values()):
         summaries.append(("per-task recipe (◆)", {t: r for t, (_, r) in recipe.items()}))
     for name, per_task in summaries:
@@ -369,8 +370,10 @@ SECTIONS = [
      "contrast, were selected on dev). One row per seed; the table gives mean ± sd. pred-only and labels-only run as "
      "many epochs as TinyBERT's two steps together. A `+aug-glove` row trains on augmented rows made per seed from "
      "its carved split's training rows (`--augment`: GloVe neighbours for every word, p 0.4, 20 variants per "
-     "sentence, as no masked LM is offline) for as many steps as the plain row: each epoch draws that many batches "
-     "from the same training rows and their variants. Every row names its teacher's checksum; rows made against another "
+     "sentence) for as many steps as the plain row: each epoch draws that many batches from the same training rows "
+     "and their variants. A `+aug-mlm-head` row (`--augment mlm-head`) takes the paper's candidates for single-piece "
+     "words, masked-LM predictions, from a head fitted on the frozen pretrained backbone over those same rows (no "
+     "pretrained masked LM is offline), and GloVe's for the rest. Every row names its teacher's checksum; rows made against another "
      "teacher or schedule are dropped."),
     ("augment", "Augmentation speed",
      "The batched augmenter against a loop with one masked-LM forward per word, as the official TinyBERT script "
