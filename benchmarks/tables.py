@@ -313,15 +313,18 @@ def train_speed() -> str:
     out = _table(["recipe", "threads", "before ex/s", "after ex/s", "after + bf16 ex/s", "speed-up", "bf16 speed-up"],
                  table, left=1)
     scores = data.get("dev_score") or {}
-    if "before" in scores and "after" in scores:
-        b, a = scores["before"], scores["after"]
-        spread = lambda d: f"{100 * d['mean']:.1f} ± {100 * d['sd']:.1f}" if d.get("sd") is not None else f"{100 * d['mean']:.1f}"
-        out += (f"\n\nTinyBERT task distillation ({a['rows']} SST-2 rows, {a['intermediate_epochs']} + "
-                f"{a['prediction_epochs']} epochs, {a['threads']} threads, seeds {', '.join(map(str, a['seeds']))}): dev "
-                f"{spread(b)} before, {spread(a)} after; "
-                + (f"end to end {scores.get('end_to_end_speedup', '—')}× faster."
-                   if scores.get("end_to_end_speedup_valid", True) else
-                   "their wall times are not compared (another job ran beside them unevenly: the JSON's machine_note)."))
+    spread = lambda d: f"{100 * d['mean']:.1f} ± {100 * d['sd']:.1f}" if d.get("sd") is not None else f"{100 * d['mean']:.1f}"
+    first = scores.get("compared_to") or scores.get("compared", ["before"])[0]
+    others = [v for v in ("after", "after-bf16") if v in scores and v != first]
+    if first in scores and others:
+        b = scores[first]
+        # older files kept one comparison at the top level; newer ones keep it on each variant
+        ratio = lambda v: scores[v].get("end_to_end_speedup", scores.get("end_to_end_speedup") if v == "after" else None)
+        diff = lambda v: scores[v].get("mean_difference_points", scores.get("mean_difference_points") if v == "after" else None)
+        out += (f"\n\nTinyBERT task distillation ({b['rows']} SST-2 rows, {b['intermediate_epochs']} + "
+                f"{b['prediction_epochs']} epochs, {b['threads']} threads, seeds {', '.join(map(str, b['seeds']))}): dev "
+                f"{spread(b)} {first}; " + "; ".join(
+                    f"{spread(scores[v])} {v} ({diff(v):+.2f} points), end to end {ratio(v)}× faster" for v in others) + ".")
     if data.get("machine_note"):
         out += f" Machine: {data['machine_note']}."
     commands = [data.get("command")]
