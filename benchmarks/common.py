@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# Top-level folders an absolute path on a Linux or macOS machine starts with; what `ABSOLUTE` looks for.
+# Top-level folders an absolute path on a Linux or macOS machine starts with; what `ABSOLUTE` looks for
+# (also after a label's colon, as in `masked-lm:/work/...`; a URL's `://` never matches, its next character being `/`).
 _ROOTS = ("work", "root", "tmp", "home", "Users", "mnt", "data", "opt", "var", "srv", "scratch", "private", "media")
-ABSOLUTE = re.compile(r"(?<![\w.:/~$<>-])/(?:%s)(?=/|\b)[^\s\"',;=]*" % "|".join(_ROOTS))
+ABSOLUTE = re.compile(r"(?<![\w./~$<>-])/(?:%s)(?=/|\b)[^\s\"',;=]*" % "|".join(_ROOTS))
 
 
 def _glue_dirs() -> list[Path]:
@@ -49,7 +50,7 @@ def portable_text(text: str, repos: tuple[Path, ...] = ()) -> str:
     # The checkout and the GLUE folder may sit under any top-level folder (CI clones into /check/...),
     # so their own prefixes are looked for too, not only the usual roots.
     known = sorted({str(p) for p in (REPO, *repos, *_glue_dirs())}, key=len, reverse=True)
-    pattern = re.compile(r"(?<![\w.:/~$<>-])(?:%s|/(?:%s))(?=/|\b)[^\s\"',;=]*"
+    pattern = re.compile(r"(?<![\w./~$<>-])(?:%s|/(?:%s))(?=/|\b)[^\s\"',;=]*"
                          % ("|".join(map(re.escape, known)), "|".join(_ROOTS)))
     return pattern.sub(lambda m: portable_path(m.group(0), repos), text)
 

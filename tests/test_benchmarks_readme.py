@@ -65,5 +65,6 @@ def test_portable_paths(tmp_path, monkeypatch):
     command = f"python benchmarks/x.py --glue-dir {tmp_path}/glue --train-file cola={inside}/aug.tsv --url http://h:1/tmp/a"
     assert portable_text(command) == ("python benchmarks/x.py --glue-dir $GLUE_DIR --train-file "
                                       "cola=benchmarks/results/teachers/sst2/aug.tsv --url http://h:1/tmp/a")
+    assert portable_text(f"masked-lm:{inside}/aug.tsv.mlm") == "masked-lm:benchmarks/results/teachers/sst2/aug.tsv.mlm"
     row = portable({"artifact": str(inside), "scores": [0.5], "lineage": [{"path": "/tmp/x/teacher"}]})
     assert row == {"artifact": "benchmarks/results/teachers/sst2", "scores": [0.5], "lineage": [{"path": "<external>/teacher"}]}
