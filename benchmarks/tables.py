@@ -320,13 +320,12 @@ def train_speed() -> str:
                  table, left=1)
     scores = data.get("dev_score") or {}
     spread = lambda d: f"{100 * d['mean']:.1f} ± {100 * d['sd']:.1f}" if d.get("sd") is not None else f"{100 * d['mean']:.1f}"
-    first = scores.get("compared_to") or scores.get("compared", ["before"])[0]
+    first = scores.get("compared_to", "before")
     others = [v for v in ("after", "after-bf16") if v in scores and v != first]
     if first in scores and others:
         b = scores[first]
-        # older files kept one comparison at the top level; newer ones keep it on each variant
-        ratio = lambda v: scores[v].get("end_to_end_speedup", scores.get("end_to_end_speedup") if v == "after" else None)
-        diff = lambda v: scores[v].get("mean_difference_points", scores.get("mean_difference_points") if v == "after" else None)
+        ratio = lambda v: scores[v]["end_to_end_speedup"]
+        diff = lambda v: scores[v]["mean_difference_points"]
         out += (f"\n\nTinyBERT task distillation ({b['rows']} SST-2 rows, {b['intermediate_epochs']} + "
                 f"{b['prediction_epochs']} epochs, {b['threads']} threads, seeds {', '.join(map(str, b['seeds']))}): dev "
                 f"{spread(b)} {first}; " + "; ".join(
@@ -334,15 +333,6 @@ def train_speed() -> str:
     if data.get("machine_note"):
         out += f" Machine: {data['machine_note']}."
     commands = [data.get("command")]
-    bf16 = _load("train_speed_bf16.json")
-    if bf16 and {"after", "after-bf16"} <= set(bf16.get("dev_score") or {}):
-        a, b = bf16["dev_score"]["after"], bf16["dev_score"]["after-bf16"]
-        out += (f"\n\nDoes bf16 cost accuracy? (`train_speed_bf16.json`, the same runs in fp32 and bf16 autocast, "
-                f"{a['rows']} rows, {a['intermediate_epochs']} + {a['prediction_epochs']} epochs, seeds "
-                f"{', '.join(map(str, a['seeds']))}): dev {spread(a)} fp32, {spread(b)} bf16, bf16 "
-                f"{bf16['dev_score']['end_to_end_speedup']}× faster end to end. The schedule is short: it shows no "
-                f"cost there, not the absence of one on a full schedule.")
-        commands.append(bf16.get("command"))
     return out + "\n\n" + _commands(*commands)
 
 

@@ -43,9 +43,9 @@ class LoopConfig:
     checkpoint_every: int = setting(200, "save resume state every N optimizer steps")
     max_steps_per_epoch: int | None = setting(None, "cut epochs short (smoke tests, quick runs)")
     seed: int = setting(42, "seed of the data order and initialisation")
-    precision: str = setting("auto", "autocast precision; auto: bf16 on a GPU that has it, else fp32 (on an AMX CPU bf16 "
-                                     "trained faster in benchmarks/results/train_speed.json, but its accuracy over seeds "
-                                     "is not measured yet: pass bf16 to use it)",
+    precision: str = setting("auto", "autocast precision; auto: bf16 on a GPU that has it, else fp32 (on a CPU with bf16 "
+                                     "instructions bf16 trained faster at the same dev score over 3 seeds, on short "
+                                     "schedules only: benchmarks/results/train_speed.json; pass bf16 to use it)",
                              choices=("auto", "fp32", "bf16", "fp16"))
     group_by_length: bool = setting(True, "batches of similar length (less padding), drawn from shuffled mega-batches "
                                           "in random order (off: plain shuffling)", flag="--no-group-by-length")
