@@ -124,6 +124,11 @@ def steps_per_epoch(task: str, sched: dict, args, train_dir: Path) -> int:
 
 
 def row_method(task: str, method: str, args) -> str:
+    """The row's method name: `+aug-SOURCE` for augmented rows (below), then `+PRECISION` for a forced precision."""
+    return _augmented_name(task, method, args) + ("" if args.precision == "auto" else f"+{args.precision}")
+
+
+def _augmented_name(task: str, method: str, args) -> str:
     """The row's method name; with an augmented train file, `+aug-SOURCE` names its candidates source
     (read from the manifest `bertforge augment` writes beside it): glove, mlm-head (fitted on a frozen
     encoder) or mlm (a pretrained masked LM)."""
@@ -218,7 +223,8 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         intermediate_epochs=sched["intermediate_epochs"], intermediate_lr=sched["intermediate_lr"],
         prediction_epochs=prediction_epochs, prediction_lr=sched["prediction_lr"], num_threads=args.threads,
         loop=LoopConfig(epochs=epochs, learning_rate=sched["intermediate_lr"], batch_size=sched["batch_size"],
-                        max_steps_per_epoch=steps, checkpoint_every=50, seed=args.seed),
+                        max_steps_per_epoch=steps, checkpoint_every=50, seed=args.seed,
+                        precision=args.precision),
         theseus=TheseusOptions(**options),  # only theseus takes options here
     )
     start = time.perf_counter()
@@ -241,7 +247,7 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         "params": manifest.num_parameters, "teacher_params": t_manifest.num_parameters,
         "wall_s": round(wall, 1), "schedule": {**sched, "train_examples": manifest.params["train_examples"],
                                                "train_file": cfg.train_file, "method_epochs": epochs,
-                                               "steps_per_epoch": steps,
+                                               "steps_per_epoch": steps, "precision": args.precision,
                                                "method_options": options},
         "metrics": dev_metrics, "train_loss": manifest.params.get("train_loss"),
         "artifact": str(out), "command": command_line(), "git_commit": COMMIT,
@@ -283,6 +289,8 @@ def main() -> None:
     p.add_argument("--augment", nargs="?", const="glove", choices=["glove", "mlm-head"], default=None,
                    help="train on augmented rows made per seed from its carved split, for the tasks without "
                         "a --train-file; candidates: GloVe (default) or a masked-LM head fitted on the backbone")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the training loop's autocast (rows other than auto are named METHOD+PRECISION)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--validation-max", type=int, default=1000,
                    help="most training rows carved (a tenth of train, by the seed) for checkpoint selection")
@@ -315,7 +323,8 @@ def main() -> None:
                 args.train_file[task] = str(augmented_file(task, args))
             for student in args.students:
                 for method in args.methods:
-                    if (task, row_method(task, method, args), student, seed) in done:
+                    label = row_method(task, method, args)
+                    if (task, label, student, seed) in done:
                         print(f"skip {task} {method} {student} seed {seed}: already in {path}")
                         continue
                     try:
