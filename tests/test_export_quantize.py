@@ -120,6 +120,13 @@ def test_static_int8_and_fp16(exported, sst2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_accuracy_aware_meets_tolerance(exported, sst2_dir, tmp_path):
+    from pipeline.data import sample_data_dir
+
+    if sst2_dir == sample_data_dir():
+        # The case (full int8 missing a zero tolerance on the carved rows, the search restoring it) was found on
+        # GLUE SST-2's training rows; on the bundled sample's rows this model's full int8 ties fp32 (tried: 128 to
+        # 512 tuning rows), so there is nothing for the search to do.
+        pytest.skip("needs GLUE SST-2 ($GLUE_DIR): the test's tuning rows are carved from its training set")
     m = quantize(QuantizeConfig(model=str(exported / "plain"), out=str(tmp_path / "aa"), mode="static",
                                 glue_dir=str(sst2_dir), tolerance=0.0, calibration_examples=64, eval_examples=DEV, tune_examples=256,
                                 sensitivity_examples=32), progress=False)
