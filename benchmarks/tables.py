@@ -372,7 +372,8 @@ SECTIONS = [
      "sentence) for as many steps as the plain row: each epoch draws that many batches from the same training rows "
      "and their variants. A `+aug-mlm-head` row (`--augment mlm-head`) takes the paper's candidates for single-piece "
      "words, masked-LM predictions, from a head fitted on the frozen pretrained backbone over those same rows (no "
-     "pretrained masked LM is offline), and GloVe's for the rest. Every row names its teacher's checksum; rows made against another "
+     "pretrained masked LM is offline), and GloVe's for the rest. A `+bf16` row trains in bf16 autocast "
+     "(`--precision bf16`). Every row names its teacher's checksum; rows made against another "
      "teacher or schedule are dropped."),
     ("augment", "Augmentation speed",
      "The batched augmenter against a loop with one masked-LM forward per word, as the official TinyBERT script "
