@@ -323,8 +323,7 @@ def main() -> None:
                 args.train_file[task] = str(augmented_file(task, args))
             for student in args.students:
                 for method in args.methods:
-                    label = row_method(task, method, args)
-                    if (task, label, student, seed) in done:
+                    if (task, row_method(task, method, args), student, seed) in done:
                         print(f"skip {task} {method} {student} seed {seed}: already in {path}")
                         continue
                     try:

@@ -324,12 +324,11 @@ def train_speed() -> str:
     others = [v for v in ("after", "after-bf16") if v in scores and v != first]
     if first in scores and others:
         b = scores[first]
-        ratio = lambda v: scores[v]["end_to_end_speedup"]
-        diff = lambda v: scores[v]["mean_difference_points"]
         out += (f"\n\nTinyBERT task distillation ({b['rows']} SST-2 rows, {b['intermediate_epochs']} + "
                 f"{b['prediction_epochs']} epochs, {b['threads']} threads, seeds {', '.join(map(str, b['seeds']))}): dev "
                 f"{spread(b)} {first}; " + "; ".join(
-                    f"{spread(scores[v])} {v} ({diff(v):+.2f} points), end to end {ratio(v)}× faster" for v in others) + ".")
+                    f"{spread(scores[v])} {v} ({scores[v]['mean_difference_points']:+.2f} points), end to end "
+                    f"{scores[v]['end_to_end_speedup']}× faster" for v in others) + ".")
     if data.get("machine_note"):
         out += f" Machine: {data['machine_note']}."
     commands = [data.get("command")]
