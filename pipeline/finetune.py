@@ -16,7 +16,7 @@ from pipeline.data import (GLUE_DIR_HELP, GLUE_TASKS, Collator, EncodedDataset, 
 from pipeline.evaluate import BestDev
 from pipeline.models import count_parameters, load_classifier, load_tokenizer
 from pipeline.settings import setting
-from pipeline.training import LoopConfig, TrainLoop
+from pipeline.training import LoopConfig, TrainLoop, seed_everything
 
 
 @dataclass
@@ -44,6 +44,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
     train = load_train_examples(task.name, cfg.glue_dir, cfg.train_file, cfg.max_train_examples)
     dev = load_glue(task.name, dev_split(task), cfg.glue_dir)
     tokenizer = load_tokenizer(cfg.model)
+    # The classification head is new weights: drawn from the seed, not from whatever state the process's
+    # RNG is in, or the same command and seed gives another teacher in every process.
+    seed_everything(cfg.loop.seed)
     model = load_classifier(cfg.model, task)
     dataset = EncodedDataset(train, tokenizer, max_length)
 

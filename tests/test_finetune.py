@@ -56,6 +56,23 @@ def test_finetune_writes_a_loadable_artifact_with_manifest(tiny_bert, tmp_path):
     assert max(h["score"] for h in history) == pytest.approx(manifest.metrics["dev"]["score"])
 
 
+def test_the_seed_fixes_the_new_head_so_the_same_command_gives_the_same_model(tiny_bert, tmp_path):
+    # a pretrained encoder without a classification head (as all-MiniLM-L6-v2 is): the head is new weights
+    from transformers import AutoModel, AutoTokenizer
+
+    backbone = tmp_path / "backbone"
+    AutoModel.from_pretrained(tiny_bert).save_pretrained(backbone)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(backbone)
+    weights = []
+    for run in ("a", "b"):
+        torch.rand(7)  # the process's RNG is elsewhere for the second run, as it is in another process
+        finetune(_cfg(backbone, tmp_path / run, epochs=1, max_steps_per_epoch=3), progress=False)
+        weights.append(load_file(tmp_path / run / "model.safetensors"))
+    assert "classifier.weight" in weights[0]
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
 def test_training_reduces_the_loss(tiny_bert, tmp_path):
     from pipeline.data import Collator, EncodedDataset, load_glue
     from pipeline.models import load_classifier, load_tokenizer
