@@ -58,7 +58,7 @@ STUDENTS = {
 # intermediate epochs after the first reuse the teacher's cached outputs, so 6 cost about 4. SST-2's
 # 67,349 rows get one epoch of each step. CoLA and STS-B run 20 + 3 (the paper's for STS-B; CoLA's is
 # 50 + 3) in bf16 autocast: bf16 trained TinyBERT 1.46x faster than fp32 at the same dev score
-# (train_speed.json; CoLA's 6 + 3 over 3 seeds: 22.9 +- 1.0 against 23.1 +- 0.8), which is what makes
+# (train_speed.json; CoLA's 6 + 3 over 3 seeds, commit 2e81c55: 22.9 +- 1.0 against 23.1 +- 0.8), which makes
 # the longer schedule fit a session.
 BUDGET = {
     "cola": dict(max_train_examples=None, intermediate_epochs=20, prediction_epochs=3, precision="bf16"),
