@@ -373,7 +373,7 @@ SECTIONS = [
     ("distill", "Distillation",
      "A 3-layer student built from teacher layers 2, 4 and 6, trained on the full training set less a tenth (at most "
      "1,000 rows) carved off by the seed, for what fits a shared 2-core CPU in one session (\"epochs\": intermediate + "
-     "prediction; CoLA and STS-B run 20 + 3, in bf16 autocast to fit), where the paper runs 20 (CoLA 50) and 3 "
+     "prediction; CoLA, MRPC, STS-B and RTE run 20 + 3 in bf16 autocast to fit, SST-2 1 + 1), where the paper runs 20 (CoLA 50) and 3 "
      "epochs on augmented data. Each student keeps its best checkpoint on the carved rows; dev is scored once, after (the teachers, in "
      "contrast, were selected on dev). One row per seed; the table gives mean ± sd. pred-only and labels-only run as "
      "many epochs as TinyBERT's two steps together. A `+aug-glove` row trains on augmented rows made per seed from "
