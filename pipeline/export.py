@@ -5,9 +5,10 @@
 2. Validation: PyTorch and ONNX Runtime run the same task examples (dynamic padding, so batch and
    sequence sizes vary); the largest logit difference must stay under `atol` and every predicted label
    must agree. The figures go into the manifest.
-3. Fusion (`optimize="O2"`): onnxruntime's BERT optimizer rewrites the graph into Attention,
-   SkipLayerNormalization, BiasGelu and EmbedLayerNormalization; ORT's own session optimizer does not
-   fuse attention in optimum's exports. `num_heads=0, hidden_size=0` lets it read the sizes from each
+3. Fusion (`optimize="O2"`): onnxruntime's BERT optimizer rewrites the graph into Attention, BiasGelu
+   and EmbedLayerNormalization (and, for the GPU, SkipLayerNormalization: its CPU kernel is slower than the
+   Add and LayerNormalization it replaces, `pipeline.providers.CPU_DISABLED_OPTIMIZERS`); ORT's own session
+   optimizer does not fuse attention in optimum's exports. `num_heads=0, hidden_size=0` lets it read the sizes from each
    layer, which pruned models (heads and FFN widths differing by layer) need. The fused graph is
    validated again. `device="gpu"` builds the GPU variant: GPU fusions and fp16 weights with fp32 inputs
    and outputs (validated only where CUDA is present).
@@ -115,18 +116,22 @@ def export(cfg: ExportConfig, progress: bool = True) -> Manifest:
 
 def optimize_graph(src: Path, dst: Path, gpu: bool = False) -> dict:
     """onnxruntime's BERT fusions (sizes read from the graph); fp16 weights for the GPU variant."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = gpu  # slow on the CPU: see pipeline.providers.CPU_DISABLED_OPTIMIZERS
     # with num_heads=0 it warns for every pruned layer that the sizes differ from the config: expected
     logging.getLogger("onnxruntime.transformers.fusion_attention").setLevel(logging.ERROR)
     try:
-        opt = optimize_model(str(src), "bert", num_heads=0, hidden_size=0, use_gpu=gpu)
+        opt = optimize_model(str(src), "bert", num_heads=0, hidden_size=0, optimization_options=options, use_gpu=gpu)
     except Exception as e:
         raise BertforgeError(f"graph fusion of {src} failed: {str(e).strip().splitlines()[0][:200]}") from None
     if gpu:
         opt.convert_float_to_float16(keep_io_types=True)
     opt.save_model_to_file(str(dst))
     return {"tool": "onnxruntime.transformers.optimizer", "model_type": "bert", "use_gpu": gpu, "float16": gpu,
+            "skip_layer_norm": gpu,
             "fusion_stats": {k: int(v) for k, v in (opt.get_fused_operator_statistics() or {}).items() if v}}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.artifacts import read_manifest
 from pipeline.errors import BertforgeError
-from pipeline.providers import BoundRunner, check_placement, parse_device, select_providers
+from pipeline.providers import BoundRunner, check_placement, disabled_optimizers, parse_device, select_providers
 
 
 class OrtClassifier:
@@ -34,7 +34,8 @@ class OrtClassifier:
             options.inter_op_num_threads = 1
         providers = select_providers(device)
         try:
-            self.session = ort.InferenceSession(str(model_file), options, providers=providers)
+            self.session = ort.InferenceSession(str(model_file), options, providers=providers,
+                                                disabled_optimizers=disabled_optimizers(providers))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise BertforgeError(f"cannot load ONNX model {model_file}: {str(e).splitlines()[0][:200]}") from None
         check_placement(self.session, device)

@@ -163,7 +163,9 @@ class OrtQuantizer:
 def _session(path: Path):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from pipeline.providers import CPU_EP, disabled_optimizers
+
+    return ort.InferenceSession(str(path), providers=[CPU_EP], disabled_optimizers=disabled_optimizers([CPU_EP]))
 
 
 def _graph_runtime(folder: Path, graph: Path) -> OrtClassifier:

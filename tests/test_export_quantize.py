@@ -78,10 +78,36 @@ def test_export_parity_and_loaders(mid_bert, exported, sst2_dir):
 
 def test_fused_graph_holds_fused_operators(exported):
     fused, plain = op_counts(exported / "fused" / "model.onnx"), op_counts(exported / "plain" / "model.onnx")
-    for op in ("Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"):
+    for op in ("Attention", "EmbedLayerNormalization", "BiasGelu"):
         assert op in fused, op
         assert op not in plain
     assert fused["Attention"] == 2  # one per layer
+    # the CPU export leaves out SkipLayerNormalization (its CPU kernel is slower than Add + LayerNormalization)
+    assert "SkipLayerNormalization" not in fused and fused["LayerNormalization"] == 4
+
+
+def test_cpu_sessions_skip_the_slow_skip_layer_norm_fusion(exported, sst2_dir, tmp_path):
+    """ORT fuses Add + LayerNormalization of a dynamic-int8 graph into SkipLayerNormalization at load unless
+    told not to; bertforge's CPU sessions tell it. If ORT renames the optimizer, the name stops working and
+    this fails."""
+    import onnxruntime as ort
+
+    from pipeline.providers import CPU_EP, disabled_optimizers, select_providers
+
+    quantize(QuantizeConfig(model=str(exported / "plain"), out=str(tmp_path / "q"), glue_dir=str(sst2_dir),
+                            eval_examples=16), progress=False)
+    assert disabled_optimizers(select_providers("cpu")) == ["SkipLayerNormFusion"]
+    assert disabled_optimizers([("CUDAExecutionProvider", {}), CPU_EP]) == []
+
+    def ops_after_load(disabled):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+        ort.InferenceSession(str(tmp_path / "q" / "model.onnx"), options, providers=[CPU_EP],
+                             disabled_optimizers=disabled)
+        return op_counts(tmp_path / "loaded.onnx")
+
+    assert "SkipLayerNormalization" in ops_after_load([])
+    assert "SkipLayerNormalization" not in ops_after_load(disabled_optimizers([CPU_EP]))
 
 
 def test_pruned_model_exports_and_fuses(tiny_bert, sst2_dir, tmp_path):
