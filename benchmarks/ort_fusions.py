@@ -21,18 +21,15 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import command_line, git_commit, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import command_line, git_commit, write_results  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
 
 

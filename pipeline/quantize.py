@@ -38,6 +38,7 @@ from pipeline.data import GLUE_DIR_HELP
 from pipeline.errors import BertforgeError
 from pipeline.inference import OrtClassifier, is_onnx_artifact
 from pipeline.models import load_config, load_tokenizer, resolve_model
+from pipeline.providers import CPU_EP, disabled_optimizers
 from pipeline.settings import setting
 from pipeline.onnx_utils import (ONNX_FILE, batches, compare_runtimes, copy_support_files, onnx_path, op_counts,
                                  resolve_task, task_examples)
@@ -162,8 +163,6 @@ class OrtQuantizer:
 
 def _session(path: Path):
     import onnxruntime as ort
-
-    from pipeline.providers import CPU_EP, disabled_optimizers
 
     return ort.InferenceSession(str(path), providers=[CPU_EP], disabled_optimizers=disabled_optimizers([CPU_EP]))
 
