@@ -76,6 +76,9 @@ class BudgetConfig:
     validation_examples: int = setting(1000, "training rows carved (by the seed) as the selection split")
     validation_min_words: int = setting(0, "carve only training rows of at least this many words (SST-2's train "
                                            "is mostly short phrases, its dev whole sentences: 10 makes them alike)")
+    validation_disjoint: bool = setting(True, "carve whole sentences only and drop their phrases from training "
+                                              "(SST-2's train holds sentences with their sub-phrases: without "
+                                              "this most carved rows are inside a training row)")
     max_train_examples: int | None = setting(None, "training rows left for the students and pruning (default: all)")
     slack: float = setting(1.0, "a PyTorch node missing the budget by more points than this is not compressed further")
     confidence: float | None = setting(None, "inside the budget only if the drop's one-sided upper bound at this "
@@ -273,7 +276,8 @@ class Search:
         from pipeline.data.split import carve_validation
 
         train = load_glue(self.task.name, "train", self.inputs.glue_dir)
-        return carve_validation(train, self.cfg.validation_examples, self.inputs.seed, self.cfg.validation_min_words)[0]
+        return carve_validation(train, self.cfg.validation_examples, self.inputs.seed, self.cfg.validation_min_words,
+                                self.cfg.validation_disjoint)[0]
 
     def score(self, folder: Path, need_predictions: bool = False) -> dict:
         """Metrics on the carved validation rows (never dev), once per artifact; its predictions are kept
@@ -566,7 +570,8 @@ def selection_wanted(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: i
     spec = get_task(task)
     train_file = Path(glue_dir or sample_data_dir()) / spec.folder / f"{spec.splits['train']}.tsv"
     return {"task": spec.name, "glue_train_sha256": _sha256(train_file), "validation_examples": cfg.validation_examples,
-            "seed": seed, "max_train": cfg.max_train_examples, "min_words": cfg.validation_min_words}
+            "seed": seed, "max_train": cfg.max_train_examples, "min_words": cfg.validation_min_words,
+            "disjoint": cfg.validation_disjoint}
 
 
 def selection_data(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: int, root: Path) -> dict:
@@ -584,7 +589,7 @@ def selection_data(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: int
         if split.get("wanted") == wanted:
             return split
     info = write_selection_dir(spec.name, glue_dir, folder, cfg.validation_examples, seed, cfg.max_train_examples,
-                               cfg.validation_min_words)
+                               cfg.validation_min_words, cfg.validation_disjoint)
     split = {"wanted": wanted, **info}
     _write(record, split)
     return split

@@ -11,6 +11,7 @@ from pipeline import budget as budget_mod
 from pipeline.cli import main
 from pipeline.budget import BudgetConfig, Search, SearchInputs, run_search
 from pipeline.data import load_glue
+from pipeline.data.glue import Example
 from pipeline.data.split import carve_validation
 from pipeline.distill.config import DistillConfig
 from pipeline.errors import BertforgeError
@@ -180,7 +181,7 @@ def test_selection_never_reads_the_dev_split(tmp_path, sst2_dir):
     full = next(r for r in result["candidates"] if r["settings"]["vocab"] == "full")
     assert trimmed["size_bytes"] < full["size_bytes"] / 2  # the embeddings are most of a tiny model
     train = load_glue("sst2", "train", tmp_path / "glue")
-    assert search.validation == carve_validation(train, 48, 42)[1]  # the rows scored: carved from train by the seed
+    assert search.validation == carve_validation(train, 48, 42, disjoint=True)[1]  # the rows scored: carved by the seed
     with pytest.raises(BertforgeError, match="NOT-A-LABEL"):  # the reported score reads dev, once, afterwards
         run_search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
 
@@ -194,6 +195,32 @@ def test_the_validation_split_is_fixed_by_the_seed_and_can_skip_short_phrases(ss
     assert all(len(ex.text_a.split()) >= 10 for ex in val)
     with pytest.raises(BertforgeError, match="of at least 500 words"):
         carve_validation(train, 10, seed=7, min_words=500)
+
+
+def test_a_disjoint_split_carves_whole_sentences_and_leaves_none_of_their_phrases_in_training():
+    """SST-2's train holds each sentence with its phrases: carved rows must not be pieces of training rows,
+    and training rows that are only pieces of carved sentences must go; a phrase of a kept sentence stays."""
+    def ex(text, label=1):
+        return Example(text, None, label)
+
+    sentences = [f"sentence {i} is a rather long line of words about film number {i}" for i in range(30)]
+    train = [ex(s) for s in sentences]
+    train += [ex(f"film number {i}") for i in range(30)]           # a phrase of sentence i only
+    train += [ex("about film")] * 3                                # in every sentence: stays unless all are carved
+    plain_rest, plain_val = carve_validation(train, 10, seed=1, min_words=10)
+    rest, val = carve_validation(train, 10, seed=1, min_words=10, disjoint=True)
+    assert (rest, val) == carve_validation(train, 10, seed=1, min_words=10, disjoint=True)  # the seed fixes it
+    assert len(val) == 10 and all(v.text_a in sentences for v in val)  # whole sentences only
+    everything = " | ".join(r.text_a for r in rest)
+    assert not any(v.text_a in everything for v in val)  # no carved row sits inside a training row
+    carved_numbers = {v.text_a.split()[1] for v in val}
+    assert not any(r.text_a == f"film number {n}" for r in rest for n in carved_numbers)  # their phrases dropped
+    assert sum(r.text_a.startswith("film number") for r in rest) == 20  # the kept sentences' phrases stay
+    assert sum(r.text_a == "about film" for r in rest) == 3  # a phrase of kept sentences too
+    assert len(rest) + len(val) == len(train) - 10
+    assert len(plain_rest) + len(plain_val) == len(train)  # without it nothing is dropped
+    with pytest.raises(BertforgeError, match="not part of another row"):
+        carve_validation(train, 31, seed=1, min_words=2, disjoint=True)
 
 
 def test_bad_budget_is_one_clear_error(tmp_path, capsys):
@@ -225,9 +252,9 @@ def test_a_teacher_finetuned_by_the_run_never_sees_the_carved_rows(tmp_path, sst
     assert manifest["metrics"]["dev"] == evaluate(folder, "sst2", sst2_dir, progress=False).metrics
     assert "best_selection_score" in params and "best_dev_score" not in params  # nothing calls the carved rows dev
     assert params["glue_dir"] == str(tmp_path / "run" / "budget" / "selection-data")
-    carved = carve_validation(load_glue("sst2", "train", sst2_dir), 48, 42)[1]
+    rest, carved = carve_validation(load_glue("sst2", "train", sst2_dir), 48, 42, disjoint=True)
     seen = load_glue("sst2", "train", params["glue_dir"])
-    assert len(seen) == len(load_glue("sst2", "train", sst2_dir)) - 48 and not set(seen) & set(carved)
+    assert seen == rest and not set(seen) & set(carved)
     split = budget_mod.selection_data(cfg.budget, "sst2", str(sst2_dir), 42, tmp_path / "run" / "budget")
     assert split["validation_sha256"] and split["wanted"]["validation_examples"] == 48  # the search finds it made
     for rows, plan in ((48, "up to date"), (40, "rebuild")):  # other carved rows, same folder: the teacher retrains
