@@ -94,19 +94,30 @@ def score_dev_once(folder: str | os.PathLike, task: str, glue_dir: str | os.Path
     """For a model whose best checkpoint was kept on rows carved from train: its manifest keeps that score as
     "selection" and gains the real dev score (so nothing shows the carved rows' score as dev), plus `params`.
     Returns the dev metrics."""
-    from pipeline.artifacts import read_manifest, write_manifest
+    from pipeline.artifacts import write_manifest
 
     spec = get_task(task)
-    manifest = read_manifest(folder)
     dev = evaluate(folder, spec.name, glue_dir, max_length=max_length, progress=False).metrics
-    manifest.metrics = {"selection": manifest.metrics.get("dev"), dev_split(spec): dev, "dev": dev}
-    # the training loop names whichever rows it scored "dev": here they were the carved ones
-    for old, new in (("best_dev_score", "best_selection_score"), ("dev_history", "selection_history")):
-        if old in manifest.params:
-            manifest.params[new] = manifest.params.pop(old)
+    manifest = name_selection(folder, write=False)
+    manifest.metrics.update({dev_split(spec): dev, "dev": dev})
     manifest.params.update(params)
     write_manifest(folder, manifest)
     return dev
+
+
+def name_selection(folder: str | os.PathLike, write: bool = True):
+    """The training loop names whichever rows it scored "dev": for a model trained on a selection folder they
+    were rows carved from train, so its manifest calls them "selection" and shows no dev score."""
+    from pipeline.artifacts import read_manifest, write_manifest
+
+    manifest = read_manifest(folder)
+    manifest.metrics = {"selection": manifest.metrics.get("dev")}
+    for old, new in (("best_dev_score", "best_selection_score"), ("dev_history", "selection_history")):
+        if old in manifest.params:
+            manifest.params[new] = manifest.params.pop(old)
+    if write:
+        write_manifest(folder, manifest)
+    return manifest
 
 
 class BestDev:

@@ -76,6 +76,9 @@ def test_the_fastest_candidate_inside_the_budget_is_kept(searched):
     chosen = json.loads((made["chosen"] / "bertforge.json").read_text())
     assert chosen["stage"] == "budget" and chosen["params"]["selection_split"]["validation_examples"] == 48
     assert set(chosen["metrics"]) == {"dev", "validation"}
+    # a distilled student kept its best checkpoint on the carved rows: its manifest names that score "selection"
+    student = json.loads((root / "run" / "budget" / "candidates" / "L1" / "bertforge.json").read_text())
+    assert set(student["metrics"]) == {"selection"} and "best_selection_score" in student["params"]
     assert result["dev"]["dev_drop_points"] == pytest.approx(
         100 * (result["dev"]["teacher"]["score"] - result["dev"]["chosen"]["score"]), abs=1e-3)
 
