@@ -26,7 +26,7 @@ def carve_validation(examples: list[Example], size: int, seed: int, min_words: i
     `disjoint`: carve whole sentences and leave none of their phrases behind. SST-2's train holds each
     sentence with its sub-phrases, so a plain carve scores the models on rows whose sentence (or phrases
     of it) they trained on: with 1,000 rows of 10+ words carved by seed 42, 760 sit inside a longer
-    training row and 9,000 training rows are pieces of them. Here only rows that no other training row
+    training row and 8,341 training rows are pieces of them. Here only rows that no other training row
     contains are carved, and every remaining row found only inside carved rows is dropped from the rest
     (a phrase that also occurs in a kept row stays). Rows are matched as whole words, text_a with text_b."""
     texts = [_text(ex) for ex in examples]
