@@ -12,9 +12,12 @@ split and its batch-1 latency and size are measured. A step is a small `Step` (i
 a build function), so a new searched setting is one more entry in STEPS.
 
 Selection never sees the dev set it reports. `validation_examples` training rows, carved by the seed,
-form the selection folder (`pipeline.data.split`): its `train` is what the students and the pruning
-recovery train on, its `dev` the carved rows on which their best checkpoints are kept and every candidate
-is scored. The chosen artifact is scored once on the real dev split afterwards; both scores are reported.
+are the selection split every candidate (and the teacher) is scored on; `checkpoint_examples` more, carved
+apart, are the rows on which the training stages keep their best checkpoints. Both live in the selection
+folder (`pipeline.data.split`): its `train` is what the students and the pruning recovery train on, its
+`dev` the checkpoint rows, and `validation/` the selection split, which no training stage reads. (Scored
+on the rows its checkpoints were chosen by, a model picked from many epochs looks better than it is.) The
+chosen artifact is scored once on the real dev split afterwards; both scores are reported.
 
 Everything is cached in `RUN/budget/search.json` by fingerprint (the step's settings and its parent's), so
 an interrupted search resumes where it stopped (a half-trained student from its checkpoint) and another
@@ -80,6 +83,11 @@ class BudgetConfig:
     validation_disjoint: bool = setting(True, "carve whole sentences only and drop their phrases from training "
                                               "(SST-2's train holds sentences with their sub-phrases: without "
                                               "this most carved rows are inside a training row)")
+    checkpoint_examples: int | None = setting(None, "training rows carved apart from the selection split, on which "
+                                                    "every training stage (teacher, students, pruning recovery) "
+                                                    "keeps its best checkpoint; null: as many as validation_examples; "
+                                                    "0: the selection rows themselves (flatters the candidates with "
+                                                    "the most checkpoints)")
     max_train_examples: int | None = setting(None, "training rows left for the students and pruning (default: all)")
     slack: float = setting(1.0, "a PyTorch node missing the budget by more points than this is not compressed further")
     confidence: float | None = setting(None, "inside the budget only if the drop's one-sided upper bound at this "
@@ -98,6 +106,8 @@ class BudgetConfig:
                 raise BertforgeError(f"budget.{name}: choose from {', '.join(allowed)} (got {bad or 'nothing'})")
         if self.confidence is not None and not 0.5 <= self.confidence < 1:
             raise BertforgeError(f"budget.confidence: a probability in [0.5, 1), got {self.confidence}")
+        if self.checkpoint_examples is not None and self.checkpoint_examples < 0:
+            raise BertforgeError(f"budget.checkpoint_examples: 0 or more rows, got {self.checkpoint_examples}")
         if self.bootstrap_resamples < 100:
             raise BertforgeError(f"budget.bootstrap_resamples: at least 100, got {self.bootstrap_resamples}")
         if not self.depths or min(self.depths) < 1:
@@ -151,7 +161,7 @@ def _build_student(s: "Search", parent: Path, depth: int, out: Path) -> Path:
                               glue_dir=str(s.data_dir), task=s.inputs.task, train_file=None,
                               student=StudentSpec(init_from_teacher=str(depth)))
     distill(cfg, resume=(out / "checkpoints").is_dir(), progress=s.progress)
-    if "selection" not in read_manifest(out).metrics:  # its "dev" was the carved rows: name them so (no dev score)
+    if "selection" not in read_manifest(out).metrics:  # its "dev" was the checkpoint rows: name them so (no dev score)
         from pipeline.evaluate import name_selection
 
         name_selection(out)
@@ -268,7 +278,7 @@ class Search:
         if self.state.get("split") != split:
             self.state = {"nodes": {}, "split": split}  # other data: every node is stale
             self.save()
-        self.validation = load_glue(self.task.name, "dev", self.data_dir)
+        self.validation = load_glue(self.task.name, "dev", self.data_dir / "validation")  # no training stage reads it
         teacher_id = _input_id(self.inputs.teacher)
         if self.state.get("teacher", {}).get("id") != teacher_id:
             self.log("scoring the teacher on the validation split")
@@ -579,7 +589,11 @@ def selection_wanted(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: i
     train_file = Path(glue_dir or sample_data_dir()) / spec.folder / f"{spec.splits['train']}.tsv"
     return {"task": spec.name, "glue_train_sha256": _sha256(train_file), "validation_examples": cfg.validation_examples,
             "seed": seed, "max_train": cfg.max_train_examples, "min_words": cfg.validation_min_words,
-            "disjoint": cfg.validation_disjoint}
+            "disjoint": cfg.validation_disjoint, "checkpoint_examples": _checkpoint_rows(cfg)}
+
+
+def _checkpoint_rows(cfg: BudgetConfig) -> int:
+    return cfg.validation_examples if cfg.checkpoint_examples is None else cfg.checkpoint_examples
 
 
 def selection_data(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: int, root: Path) -> dict:
@@ -592,12 +606,12 @@ def selection_data(cfg: BudgetConfig, task: str, glue_dir: str | None, seed: int
     spec = get_task(task)
     wanted = selection_wanted(cfg, task, glue_dir, seed)
     folder, record = Path(root) / "selection-data", Path(root) / "selection-data" / "split.json"
-    if record.is_file() and (folder / spec.folder / "dev.tsv").is_file():
+    if record.is_file() and (folder / "validation" / spec.folder / "dev.tsv").is_file():
         split = json.loads(record.read_text())
         if split.get("wanted") == wanted:
             return split
     info = write_selection_dir(spec.name, glue_dir, folder, cfg.validation_examples, seed, cfg.max_train_examples,
-                               cfg.validation_min_words, cfg.validation_disjoint)
+                               cfg.validation_min_words, cfg.validation_disjoint, _checkpoint_rows(cfg))
     split = {"wanted": wanted, **info}
     _write(record, split)
     return split

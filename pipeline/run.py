@@ -345,7 +345,7 @@ class Run:
 
         def work(out, resume):
             finetune(dataclasses.replace(config, out=str(out)), resume=resume, progress=self.progress)
-            if extra:  # its best checkpoint was kept on the carved rows: their score is "selection", dev is scored once
+            if extra:  # its best checkpoint was kept on carved rows: their score is "selection", dev is scored once
                 from pipeline.evaluate import score_dev_once
 
                 score_dev_once(out, self.cfg.task, self.glue_dir, self.cfg.max_length)

@@ -185,6 +185,8 @@ def test_selection_never_reads_the_dev_split(tmp_path, sst2_dir):
     assert trimmed["size_bytes"] < full["size_bytes"] / 2  # the embeddings are most of a tiny model
     train = load_glue("sst2", "train", tmp_path / "glue")
     assert search.validation == carve_validation(train, 48, 42, disjoint=True)[1]  # the rows scored: carved by the seed
+    seen = {ex.text_a for split in ("train", "dev") for ex in load_glue("sst2", split, search.data_dir)}
+    assert not seen & {ex.text_a for ex in search.validation}  # no training stage read the rows scored
     with pytest.raises(BertforgeError, match="NOT-A-LABEL"):  # the reported score reads dev, once, afterwards
         run_search(cfg, _inputs(tmp_path / "budget", teacher, tmp_path / "glue"), progress=False)
 
@@ -226,6 +228,24 @@ def test_a_disjoint_split_carves_whole_sentences_and_leaves_none_of_their_phrase
         carve_validation(train, 31, seed=1, min_words=2, disjoint=True)
 
 
+def test_the_rows_that_score_candidates_are_not_the_rows_checkpoints_are_chosen_by(tmp_path, sst2_dir):
+    """A model kept as the best of many checkpoints on some rows is flattered there: the selection folder keeps
+    the rows the search scores on (validation/) apart from the rows its training stages choose by (dev)."""
+    from pipeline.data.split import write_selection_dir
+
+    info = write_selection_dir("sst2", sst2_dir, tmp_path / "apart", 60, 3, disjoint=True, checkpoint_size=40)
+    train, checkpoint = (load_glue("sst2", split, tmp_path / "apart") for split in ("train", "dev"))
+    scored = load_glue("sst2", "dev", tmp_path / "apart" / "validation")
+    assert (len(scored), len(checkpoint)) == (60, 40) == (info["validation_examples"], info["checkpoint_examples"])
+    texts = [{ex.text_a for ex in rows} for rows in (train, checkpoint, scored)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])  # three disjoint sets of rows
+    info = write_selection_dir("sst2", sst2_dir, tmp_path / "shared", 60, 3, disjoint=True, checkpoint_size=0)
+    assert load_glue("sst2", "dev", tmp_path / "shared") == scored  # 0: the old way, one carve for both
+    assert info["checkpoint_rows"] == "the validation rows"
+    with pytest.raises(BertforgeError, match="checkpoint_examples"):
+        BudgetConfig(max_drop=1, checkpoint_examples=-1).check()
+
+
 def test_bad_budget_is_one_clear_error(tmp_path, capsys):
     assert main(["run", "--max-drop", "-1", "--dry-run"]) == 2  # the CLI flag lands in the budget section
     assert "max_drop must be >= 0" in capsys.readouterr().err
@@ -256,8 +276,10 @@ def test_a_teacher_finetuned_by_the_run_never_sees_the_carved_rows(tmp_path, sst
     assert "best_selection_score" in params and "best_dev_score" not in params  # nothing calls the carved rows dev
     assert params["glue_dir"] == str(tmp_path / "run" / "budget" / "selection-data")
     rest, carved = carve_validation(load_glue("sst2", "train", sst2_dir), 48, 42, disjoint=True)
+    rest, checkpoint = carve_validation(rest, 48, 42, disjoint=True)  # its checkpoints: chosen on other carved rows
     seen = load_glue("sst2", "train", params["glue_dir"])
     assert seen == rest and not set(seen) & set(carved)
+    assert load_glue("sst2", "dev", params["glue_dir"]) == checkpoint and not set(checkpoint) & set(carved)
     split = budget_mod.selection_data(cfg.budget, "sst2", str(sst2_dir), 42, tmp_path / "run" / "budget")
     assert split["validation_sha256"] and split["wanted"]["validation_examples"] == 48  # the search finds it made
     for rows, plan in ((48, "up to date"), (40, "rebuild")):  # other carved rows, same folder: the teacher retrains
