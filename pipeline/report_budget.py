@@ -65,7 +65,9 @@ def budget_section(path: str | Path) -> dict:
         summary += "."
     split = data["split"]
     notes = (f"Selection split: {split['validation_examples']} training rows carved with seed {split['seed']} "
-             f"(sha256 {split['validation_sha256']}); the students trained on {split['train_examples']} other rows. "
+             f"(sha256 {split['validation_sha256']}); the students trained on {split['train_examples']} other rows"
+             + (f" and kept their checkpoints on {split['checkpoint_examples']} more, carved apart. "
+                if split.get("checkpoint_examples") else ". ") +
              f"Latency: median at batch 1, sequence {data['latency']['seq_len']}, {data['latency']['threads']} "
              f"threads, candidates taking turns. Search wall time {data.get('wall_s_total', 0):.0f} s in all "
              f"({data.get('wall_s_this_run', 0):.0f} s in the last run; finished candidates are cached).")
