@@ -145,7 +145,8 @@ def main() -> None:
         "note": (f"Cut to fit a shared 2-core CPU machine (other sessions trained at the same time): students and "
                  f"pruning recovery train on {args.train_examples or 'all the'} training rows (outside the carved split) with the schedule of {args.config}, "
                  f"depths {args.depths} (the teacher's own depth = the teacher itself, not distilled), candidates "
-                 f"scored on {args.validation_examples} train rows carved by the seed; dev scored once per chosen "
+                 f"scored on {args.validation_examples} train rows carved by the seed (the training stages keep their "
+                 f"best checkpoints on other carved rows); dev scored once per chosen "
                  f"artifact. Budgets run largest first in one run folder: later budgets re-choose among the same "
                  f"candidates. Latency ratios against BERT-base are measured side by side within one bench run; "
                  f"absolute times across runs are not comparable."),
