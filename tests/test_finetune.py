@@ -166,3 +166,21 @@ def test_eval_remaps_a_model_with_another_label_order(tmp_path):
     perm = label_permutation(config, get_task("mnli"))
     assert [config.id2label[i] for i in perm] == ["entailment", "neutral", "contradiction"]
     assert label_permutation(BertConfig(num_labels=2), get_task("sst2")) is None
+
+
+def test_eval_records_the_dev_score_of_a_model_chosen_on_carved_rows(tmp_path, capsys):
+    """A budget search's student kept its checkpoint on rows carved from train, and its manifest calls that score
+    'selection': `eval --record-dev` adds the real dev score, which bench and the report read."""
+    from pipeline.artifacts import Manifest, write_manifest
+
+    folder = make_tiny_bert(tmp_path / "student")
+    write_manifest(folder, Manifest(stage="distill", task="sst2", metrics={"dev": {"score": 0.123}},
+                                    params={"best_dev_score": 0.123}))
+    assert main(["eval", "--task", "sst2", "--model", str(folder), "--glue-dir", SAMPLE, "--record-dev"]) == 0
+    manifest = read_manifest(folder)
+    assert manifest.metrics["selection"] == {"score": 0.123}  # what the carved rows said, kept under its name
+    assert manifest.metrics["dev"] == evaluate(folder, "sst2", SAMPLE, progress=False).metrics
+    assert manifest.params["best_selection_score"] == 0.123 and "best_dev_score" not in manifest.params
+    code, err = _cli(capsys, "eval", "--task", "sst2", "--model", str(make_tiny_bert(tmp_path / "plain")),
+                     "--glue-dir", SAMPLE, "--record-dev")
+    assert code == 2 and "bertforge artifact" in err  # nothing to record into

@@ -10,6 +10,10 @@ def add_parser(sub):
     add_config_args(p, EvalConfig)
     p.add_argument("--out", default=None, help="JSON file for the metrics (default: MODEL/eval-TASK-SPLIT.json)")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 against bertforge.json first")
+    p.add_argument("--record-dev", action="store_true",
+                   help="write the dev score into the artifact's manifest, naming the score it had as 'selection' "
+                        "(for a model whose checkpoint was kept on rows carved from train, e.g. a budget search's "
+                        "student: bench and report read the manifest's dev score)")
     p.set_defaults(func=run)
 
 
@@ -22,6 +26,14 @@ def run(args):
     from pipeline.inference import dump
 
     cfg = config_from_args(EvalConfig, args)
+    if args.record_dev:
+        from pipeline.artifacts import read_manifest
+        from pipeline.errors import BertforgeError
+        from pipeline.evaluate import score_dev_once
+
+        if cfg.split is not None or read_manifest(cfg.model) is None:
+            raise BertforgeError("--record-dev scores the dev split (no --split) of a bertforge artifact (bertforge.json)")
+        score_dev_once(cfg.model, cfg.task, cfg.glue_dir, cfg.max_length)
     result = evaluate(cfg.model, cfg.task, cfg.glue_dir, cfg.split, cfg.max_length, cfg.batch_size)
     out = args.out or (Path(cfg.model) / f"eval-{result.task}-{result.split}.json" if Path(cfg.model).is_dir() else None)
     if out:
