@@ -90,14 +90,15 @@ def evaluate(model: str | os.PathLike, task: str, data_dir: str | os.PathLike | 
 
 
 def score_dev_once(folder: str | os.PathLike, task: str, glue_dir: str | os.PathLike | None = None,
-                   max_length: int | None = None, **params) -> dict:
+                   max_length: int | None = None, dev: dict | None = None, **params) -> dict:
     """For a model whose best checkpoint was kept on rows carved from train: its manifest keeps that score as
     "selection" and gains the real dev score (so nothing shows the carved rows' score as dev), plus `params`.
-    Returns the dev metrics."""
+    `dev`: metrics the caller already scored on the dev split. Returns the dev metrics."""
     from pipeline.artifacts import write_manifest
 
     spec = get_task(task)
-    dev = evaluate(folder, spec.name, glue_dir, max_length=max_length, progress=False).metrics
+    if dev is None:
+        dev = evaluate(folder, spec.name, glue_dir, max_length=max_length, progress=False).metrics
     manifest = name_selection(folder, write=False)
     manifest.metrics.update({dev_split(spec): dev, "dev": dev})
     manifest.params.update(params)
@@ -107,11 +108,12 @@ def score_dev_once(folder: str | os.PathLike, task: str, glue_dir: str | os.Path
 
 def name_selection(folder: str | os.PathLike, write: bool = True):
     """The training loop names whichever rows it scored "dev": for a model trained on a selection folder they
-    were rows carved from train, so its manifest calls them "selection" and shows no dev score."""
+    were rows carved from train, so its manifest calls them "selection" and shows no dev score. Named once: a
+    manifest that already has a selection score keeps it (its "dev" is then the real dev score)."""
     from pipeline.artifacts import read_manifest, write_manifest
 
     manifest = read_manifest(folder)
-    manifest.metrics = {"selection": manifest.metrics.get("dev")}
+    manifest.metrics = {"selection": manifest.metrics.get("selection", manifest.metrics.get("dev"))}
     for old, new in (("best_dev_score", "best_selection_score"), ("dev_history", "selection_history")):
         if old in manifest.params:
             manifest.params[new] = manifest.params.pop(old)

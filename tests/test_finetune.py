@@ -181,6 +181,8 @@ def test_eval_records_the_dev_score_of_a_model_chosen_on_carved_rows(tmp_path, c
     assert manifest.metrics["selection"] == {"score": 0.123}  # what the carved rows said, kept under its name
     assert manifest.metrics["dev"] == evaluate(folder, "sst2", SAMPLE, progress=False).metrics
     assert manifest.params["best_selection_score"] == 0.123 and "best_dev_score" not in manifest.params
+    assert main(["eval", "--task", "sst2", "--model", str(folder), "--glue-dir", SAMPLE, "--record-dev"]) == 0
+    assert read_manifest(folder).metrics == manifest.metrics  # recorded twice: the selection score is not overwritten
     code, err = _cli(capsys, "eval", "--task", "sst2", "--model", str(make_tiny_bert(tmp_path / "plain")),
                      "--glue-dir", SAMPLE, "--record-dev")
     assert code == 2 and "bertforge artifact" in err  # nothing to record into

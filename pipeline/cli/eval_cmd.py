@@ -29,12 +29,14 @@ def run(args):
     if args.record_dev:
         from pipeline.artifacts import read_manifest
         from pipeline.errors import BertforgeError
-        from pipeline.evaluate import score_dev_once
 
         if cfg.split is not None or read_manifest(cfg.model) is None:
             raise BertforgeError("--record-dev scores the dev split (no --split) of a bertforge artifact (bertforge.json)")
-        score_dev_once(cfg.model, cfg.task, cfg.glue_dir, cfg.max_length)
     result = evaluate(cfg.model, cfg.task, cfg.glue_dir, cfg.split, cfg.max_length, cfg.batch_size)
+    if args.record_dev:
+        from pipeline.evaluate import score_dev_once
+
+        score_dev_once(cfg.model, cfg.task, dev=result.metrics)  # scored above: recorded, not scored again
     out = args.out or (Path(cfg.model) / f"eval-{result.task}-{result.split}.json" if Path(cfg.model).is_dir() else None)
     if out:
         dump(result.as_dict(), out)

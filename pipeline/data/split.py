@@ -88,9 +88,8 @@ def write_selection_dir(task: str, glue_dir: str | Path | None, out: str | Path,
     which every training stage keeps its best checkpoint; the first carve goes to
     `out/validation/<Task>/dev.tsv`, out of any training stage's sight, for scoring the finished models.
     Why: a model chosen as the best of many checkpoints on some rows is flattered there, and the more
-    checkpoints (a student's 6 + 3 epochs, then its pruning recovery) the more. Scored on the rows its
-    checkpoints were chosen by, a compressed MRPC student measured 0.7-1.4 points above its teacher and
-    lost 3.6-4.0 on dev."""
+    checkpoints (a student's 6 + 3 epochs, then its pruning recovery) the more, so the candidates are scored
+    on rows no checkpoint was chosen by."""
     spec = get_task(task)
     if spec.train != spec.dev:
         raise BertforgeError(f"{spec.name}: train and dev files differ in layout; a selection folder cannot be written")
