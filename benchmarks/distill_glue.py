@@ -48,9 +48,14 @@ TASKS = ("cola", "sst2", "mrpc", "stsb", "rte")
 MODEL = "all-MiniLM-L6-v2"  # the teachers' pretrained backbone
 METHODS = ("tinybert", "pred-only", "labels-only")
 # Students with at most half of the teacher's 6 layers. Without a general-distilled student at hand,
-# initialising from the teacher's own layers (2, 4, 6) is the practical start (DistilBERT style).
+# initialising from the teacher's own layers (2, 4, 6) is the practical start (DistilBERT style). The bottom
+# three layers (1, 2, 3) are the other start: dropping the top layers kept the most of BERT's GLUE scores
+# among the layer-dropping strategies of Sajjad et al. ("On the effect of dropping layers of pre-trained
+# transformer models", arXiv 2004.03844). It starts as the teacher's first half, so intermediate-layer
+# losses mapped to layers 2, 4, 6 would first undo it; it is meant for the one-loop methods (kd).
 STUDENTS = {
     "L3-H384-from-teacher": lambda: StudentSpec(init_from_teacher="3"),
+    "L3-H384-bottom-from-teacher": lambda: StudentSpec(init_from_teacher="1,2,3"),
     "L3-H384-random": lambda: StudentSpec(config=str(_write_random_config())),
 }
 # Full training sets; the epochs are cut to what a shared 2-core CPU runs in a session (the paper: 20

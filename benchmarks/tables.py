@@ -110,6 +110,9 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+DEFAULT_STUDENT = "L3-H384-from-teacher"  # benchmarks/distill_glue.py's default --students
+
+
 def distill() -> str:
     rows = _load("distill.json") or []
     groups: dict[tuple, list[dict]] = {}
@@ -124,21 +127,25 @@ def distill() -> str:
     table = []
     tinybert, tinybert_aug, recipe = {}, {}, {}  # tinybert_aug: per augmentation source
     for key in sorted(groups, key=lambda k: (TASK_ORDER.index(k[0]), _method_key(k[1]), k[2])):
-        task, method, _ = key
+        task, method, student = key
         rs = groups[key]
+        # a student other than the default start (teacher layers 2, 4, 6) is named beside its method
+        label = method if student == DEFAULT_STUDENT else f"{method} ({student.removeprefix('L3-H384-')})"
         score, sd = _mean_sd([r["student_score"] for r in rs])
         retention = score / rs[0]["teacher_score"]
         margins = [r["margin_retention"] for r in rs if r.get("margin_retention") is not None]
         margin = _mean_sd(margins)[0] if margins else None
-        if method == "tinybert":
+        if student != DEFAULT_STUDENT:
+            pass  # the TinyBERT summaries below are of the default student
+        elif method == "tinybert":
             tinybert[task] = retention
         elif method.startswith("tinybert+aug"):
             tinybert_aug.setdefault(method, {})[task] = retention
         picked = task in chosen and chosen[task][1] == key
         if picked:
-            recipe[task] = (method, retention)
+            recipe[task] = (label, retention)
         selection = [r["selection_score"] for r in rs if r.get("selection_score") is not None]
-        table.append([task, method + (" ◆" if picked else ""), _pct(rs[0]["teacher_score"]),
+        table.append([task, label + (" ◆" if picked else ""), _pct(rs[0]["teacher_score"]),
                       _pct(score) + (f" ± {100 * sd:.1f}" if sd is not None else ""),
                       _pct(_mean_sd(selection)[0]) if selection else "—", len(rs), _schedule(rs[0]),
                       f"{retention:.3f}", "—" if margin is None else f"{margin:.3f}",
