@@ -282,6 +282,10 @@ def serving() -> str:
                   table) + "\n\n" + _commands(*(r.get("command") for r in rows))
 
 
+def _interval(bounds: list | None) -> str:
+    return f" [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else ""
+
+
 def budget() -> str:
     data = _load("budget.json") or {"rows": []}
     quiet_data = _load("budget_latency.json") or {"rows": []}
@@ -299,7 +303,7 @@ def budget() -> str:
         q = quiet.get((r["task"], r["budget"], r["objective"], r.get("confidence"), r["chosen"]))
         table.append([r["task"], f"{r['budget']:g}", rule, what,
                       f"{r['validation_drop_points']:.2f}" + (f" (≤ {bound:.2f})" if bound is not None else ""),
-                      f"{r['dev_drop_points']:.2f}", _pct(r["dev_score"]),
+                      f"{r['dev_drop_points']:.2f}" + _interval(r.get("dev_drop_interval_90")), _pct(r["dev_score"]),
                       _x(q["latency_b1_vs_bert_base_torch_fp32"]) if q else "—",
                       _x(q["latency_b1_vs_bert_base_ort_int8"]) if q else "—",
                       _x(r["latency_b1_vs_bert_base_torch_fp32"]), f"{r['size_bytes'] / 1e6:.1f}",
@@ -308,7 +312,7 @@ def budget() -> str:
     quiet_note = (f"\n\nQuiet re-bench (`budget_latency.json`, {quiet_data.get('machine_note')}): every chosen artifact "
                   f"and BERT-base timed side by side in one run, batch 1, sequence 128, "
                   f"{quiet_data.get('threads')} thread; `{quiet_data.get('command')}`." if quiet_data["rows"] else "")
-    return _table(["task", "budget (points)", "objective, rule", "chosen", "validation drop (bound)", "dev drop",
+    return _table(["task", "budget (points)", "objective, rule", "chosen", "validation drop (bound)", "dev drop [90% interval]",
                    "dev score", "× faster vs PyTorch fp32 (quiet)", "× faster vs ORT int8 (quiet)",
                    "× faster vs PyTorch fp32 (in its run, loaded)", "MB", "× smaller"], table, left=4) + \
         (f"\n\n{note}" if note else "") + quiet_note + "\n\n" + \

@@ -510,14 +510,27 @@ def drop_upper_bound(task: str, teacher: list, candidate: list, labels: list, co
     """One-sided upper bound (points) of teacher score minus candidate score at `confidence`: a paired
     percentile bootstrap over the rows, the task's metric recomputed on each resample. The resamples are
     fixed by `seed` (and the row count), so every candidate of a search is bounded on the same ones."""
+    return drop_quantiles(task, teacher, candidate, labels, [confidence], resamples, seed)[0]
+
+
+def drop_interval(task: str, teacher: list, candidate: list, labels: list, level: float = 0.9,
+                  resamples: int = 1000, seed: int = 0) -> list[float]:
+    """Two-sided `level` interval (points) of teacher score minus candidate score, by the same paired
+    bootstrap: how far the one dev figure could be from the drop on more rows like them."""
+    tail = (1 - level) / 2
+    return drop_quantiles(task, teacher, candidate, labels, [tail, 1 - tail], resamples, seed)
+
+
+def drop_quantiles(task: str, teacher: list, candidate: list, labels: list, qs: list[float],
+                   resamples: int = 1000, seed: int = 0) -> list[float]:
     import numpy as np
 
     t, c, y = np.asarray(teacher), np.asarray(candidate), np.asarray(labels)
     if np.array_equal(t, c):
-        return 0.0  # the same answers on every row: no resample can tell them apart
+        return [0.0] * len(qs)  # the same answers on every row: no resample can tell them apart
     idx = np.random.default_rng(seed).integers(0, len(y), size=(resamples, len(y)))
     drops = 100 * (resampled_scores(task, t[idx], y[idx]) - resampled_scores(task, c[idx], y[idx]))
-    return round(float(np.quantile(drops, confidence)), 3)
+    return [round(float(q), 3) for q in np.quantile(drops, qs)]
 
 
 def resampled_scores(task: str, preds, gold):
@@ -629,18 +642,28 @@ def run_search(cfg: BudgetConfig, inputs: SearchInputs, progress: bool = True) -
         _write(out / "budget.json", result)
         raise BertforgeError(f"budget search: {result['why_none']}; see {out / 'budget.json'}")
     row = next(r for r in result["candidates"] if r["name"] == result["chosen"])
-    dev = {}
+    dev, answers = {}, {}
     for name, folder in (("chosen", Path(row["folder"])), ("teacher", Path(inputs.teacher))):
+        # cached with its answers, so that another budget over the same candidates neither re-scores dev nor
+        # loses the paired interval below
         cached = search.state.setdefault("dev_scores", {}).get(_input_id(folder))
-        dev[name] = cached or evaluate(str(folder), search.task.name, inputs.glue_dir, max_length=search.max_length,
-                                       progress=False).metrics
-        search.state["dev_scores"][_input_id(folder)] = dev[name]
+        if not cached or "predictions" not in cached:
+            scored = evaluate(str(folder), search.task.name, inputs.glue_dir, max_length=search.max_length,
+                              progress=False)
+            cached = {"metrics": scored.metrics, "predictions": scored.predictions.tolist()}
+            search.state["dev_scores"][_input_id(folder)] = cached
+        dev[name], answers[name] = cached["metrics"], cached["predictions"]
     search.save()
+    from pipeline.data import dev_split, load_glue
+
+    labels = [ex.label for ex in load_glue(search.task.name, dev_split(search.task), inputs.glue_dir)]
     result["dev"] = {"chosen": dev["chosen"], "teacher": dev["teacher"],
                      "dev_drop_points": round(_points(dev["teacher"]["score"]) - _points(dev["chosen"]["score"]), 3),
+                     # dev is small (MRPC: 408 rows), so the one drop comes with its paired 90% interval
+                     "dev_drop_interval_90": drop_interval(search.task.name, answers["teacher"], answers["chosen"],
+                                                           labels, 0.9, cfg.bootstrap_resamples, inputs.seed),
                      "note": "scored once, after the choice; the choice used the validation split only"}
     if row["settings"].get("vocab") == "trimmed":  # how much of dev the trimmed tokenizer spells as [UNK]
-        from pipeline.data import dev_split, load_glue
         from pipeline.models import load_tokenizer
         from pipeline.vocab import lost_to_unk
 

@@ -81,6 +81,8 @@ def test_the_fastest_candidate_inside_the_budget_is_kept(searched):
     assert set(student["metrics"]) == {"selection"} and "best_selection_score" in student["params"]
     assert result["dev"]["dev_drop_points"] == pytest.approx(
         100 * (result["dev"]["teacher"]["score"] - result["dev"]["chosen"]["score"]), abs=1e-3)
+    low, high = result["dev"]["dev_drop_interval_90"]  # the paired bootstrap of that one dev drop
+    assert low <= high
 
 
 @pytest.mark.slow
@@ -292,7 +294,7 @@ def test_a_teacher_finetuned_by_the_run_never_sees_the_carved_rows(tmp_path, sst
 def test_the_drop_bound_is_a_paired_bootstrap_of_the_tasks_own_metric():
     import numpy as np
 
-    from pipeline.budget import drop_upper_bound, resampled_scores
+    from pipeline.budget import drop_interval, drop_upper_bound, resampled_scores
     from pipeline.data import compute_metrics
 
     rng = np.random.default_rng(0)
@@ -309,6 +311,9 @@ def test_the_drop_bound_is_a_paired_bootstrap_of_the_tasks_own_metric():
     assert bounds[0] < bounds[1] < bounds[2]  # more confidence, a wider margin
     assert bounds[1] == drop_upper_bound("sst2", teacher, worse, gold, 0.9)  # the seed fixes the resamples
     assert drop_upper_bound("sst2", teacher, teacher, gold, 0.9) == 0.0
+    low, high = drop_interval("sst2", teacher, worse, gold, 0.9)  # the same resamples, both tails
+    assert low < 1.0 < high and high == drop_upper_bound("sst2", teacher, worse, gold, 0.95)
+    assert drop_interval("sst2", teacher, worse, gold, 0.98)[1] > high  # a wider level, a wider interval
     scores = rng.random(200) * 5  # STS-B: a collapsed model (one constant score) has no correlation, scored 0
     assert drop_upper_bound("stsb", scores + rng.normal(0, 0.3, 200), np.full(200, 2.5), scores, 0.9,
                             resamples=100) > 80
