@@ -27,12 +27,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def chosen_folder(row: dict) -> Path:
-    """The chosen candidate's folder: RUN/budget/candidates/NAME, RUN being the `out=` of the row's command."""
+def run_result(row: dict) -> dict:
+    """The search's RUN/budget/budget.json, RUN being the `out=` of the row's command."""
     out = re.search(r"\bout=(\S+)", row["command"])
     if not out:
         raise SystemExit(f"no out= in the command of the {row['task']} {row['budget']}-point row")
-    return ROOT / out.group(1) / "budget" / "candidates" / row["chosen"]
+    path = ROOT / out.group(1) / "budget" / "budget.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not there (run benchmarks/budget.py with the row's command first)")
+    return json.loads(path.read_text())
+
+
+def chosen_folder(row: dict) -> Path:
+    """The chosen candidate's own folder, as its search recorded it (an fp32 candidate is its graph's folder)."""
+    return ROOT / next(c["folder"] for c in run_result(row)["candidates"] if c["name"] == row["chosen"])
 
 
 def main(argv=None) -> None:

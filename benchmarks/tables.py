@@ -291,6 +291,10 @@ def budget() -> str:
     quiet_data = _load("budget_latency.json") or {"rows": []}
     # the quiet re-bench of each chosen artifact (benchmarks/budget_latency.py), matched to its row
     quiet = {(q["task"], q["budget"], q["objective"], q.get("confidence"), q["chosen"]): q for q in quiet_data["rows"]}
+    # the dev drop's paired bootstrap interval: recorded by newer runs, else benchmarks/budget_dev_intervals.py's
+    intervals_data = _load("budget_dev_intervals.json") or {"rows": []}
+    intervals = {(i["task"], i["budget"], i["objective"], i.get("confidence"), i["chosen"]): i["dev_drop_interval_90"]
+                 for i in intervals_data["rows"] if "dev_drop_interval_90" in i}
     table = []
     for r in data["rows"]:
         if r.get("chosen") is None:
@@ -303,7 +307,8 @@ def budget() -> str:
         q = quiet.get((r["task"], r["budget"], r["objective"], r.get("confidence"), r["chosen"]))
         table.append([r["task"], f"{r['budget']:g}", rule, what,
                       f"{r['validation_drop_points']:.2f}" + (f" (≤ {bound:.2f})" if bound is not None else ""),
-                      f"{r['dev_drop_points']:.2f}" + _interval(r.get("dev_drop_interval_90")), _pct(r["dev_score"]),
+                      f"{r['dev_drop_points']:.2f}" + _interval(r.get("dev_drop_interval_90") or intervals.get(
+                          (r["task"], r["budget"], r["objective"], r.get("confidence"), r["chosen"]))), _pct(r["dev_score"]),
                       _x(q["latency_b1_vs_bert_base_torch_fp32"]) if q else "—",
                       _x(q["latency_b1_vs_bert_base_ort_int8"]) if q else "—",
                       _x(r["latency_b1_vs_bert_base_torch_fp32"]), f"{r['size_bytes'] / 1e6:.1f}",
@@ -312,6 +317,9 @@ def budget() -> str:
     quiet_note = (f"\n\nQuiet re-bench (`budget_latency.json`, {quiet_data.get('machine_note')}): every chosen artifact "
                   f"and BERT-base timed side by side in one run, batch 1, sequence 128, "
                   f"{quiet_data.get('threads')} thread; `{quiet_data.get('command')}`." if quiet_data["rows"] else "")
+    if intervals_data["rows"]:
+        quiet_note += (f"\n\nDev drop intervals (`budget_dev_intervals.json`): {intervals_data['method']}, "
+                       f"{intervals_data['resamples']} resamples; `{intervals_data['command']}`.")
     return _table(["task", "budget (points)", "objective, rule", "chosen", "validation drop (bound)", "dev drop [90% interval]",
                    "dev score", "× faster vs PyTorch fp32 (quiet)", "× faster vs ORT int8 (quiet)",
                    "× faster vs PyTorch fp32 (in its run, loaded)", "MB", "× smaller"], table, left=4) + \

@@ -140,6 +140,26 @@ def test_report_draws_the_pareto_front(searched):
 
 
 @pytest.mark.slow
+def test_the_dev_interval_benchmark_rescores_the_rows_choice_and_refuses_another_model(searched, sst2_dir, tmp_path):
+    from benchmarks import budget_dev_intervals
+
+    root, _, _ = searched
+    result = _result(root)
+    row = {"task": "sst2", "budget": 100.0, "objective": "latency", "chosen": result["chosen"],
+           "command": f"bertforge run --set out={root / 'run'}", "dev_drop_points": result["dev"]["dev_drop_points"]}
+    budget = tmp_path / "budget.json"
+    budget.write_text(json.dumps({"rows": [row]}))
+    out = tmp_path / "intervals.json"
+    budget_dev_intervals.main(["--glue-dir", str(sst2_dir), "--budget", str(budget), "--out", str(out)])
+    got = json.loads(out.read_text())["rows"][0]
+    # the same interval the run recorded: same answers, same resamples (the run's seed, 42)
+    assert got["dev_drop_interval_90"] == result["dev"]["dev_drop_interval_90"]
+    budget.write_text(json.dumps({"rows": [{**row, "dev_drop_points": row["dev_drop_points"] + 5}]}))
+    with pytest.raises(SystemExit, match="in its row"):  # a row made from another model is never mixed in
+        budget_dev_intervals.main(["--glue-dir", str(sst2_dir), "--budget", str(budget), "--out", str(out)])
+
+
+@pytest.mark.slow
 def test_resume_after_an_interruption_redoes_nothing_finished(tmp_path, sst2_dir, monkeypatch):
     teacher = make_tiny_bert(tmp_path / "teacher", layers=2)
     cfg = _small(quantize=["fp32", "dynamic", "dynamic-per-channel"])
