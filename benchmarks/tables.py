@@ -427,8 +427,9 @@ SECTIONS = [
      "and their variants. A `+aug-mlm-head` row (`--augment mlm-head`) takes the paper's candidates for single-piece "
      "words, masked-LM predictions, from a head fitted on the frozen pretrained backbone over those same rows (no "
      "pretrained masked LM is offline), and GloVe's for the rest. A `+bf16` row trains in bf16 autocast "
-     "(`--precision bf16`). Every row names its teacher's checksum; rows made against another "
-     "teacher or schedule are dropped."),
+     "(`--precision bf16`). A `(bottom-from-teacher)` row starts from teacher layers 1, 2 and 3 instead "
+     "(`--students L3-H384-bottom-from-teacher`: top-layer dropping, Sajjad et al.) and trains with a one-loop "
+     "method. Every row names its teacher's checksum; rows made against another teacher or schedule are dropped."),
     ("augment", "Augmentation speed",
      "The batched augmenter against a loop with one masked-LM forward per word, as the official TinyBERT script "
      "runs, same input and seed."),

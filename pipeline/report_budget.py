@@ -61,7 +61,9 @@ def budget_section(path: str | Path) -> dict:
                        if chosen.get("validation_drop_bound_points") is not None else "") + ")")
         if dev:
             summary += (f"; dev, scored once after the choice: {100 * dev['chosen']['score']:.2f} against the "
-                        f"teacher's {100 * dev['teacher']['score']:.2f} (drop {dev['dev_drop_points'] or 0.0:.2f} points)")
+                        f"teacher's {100 * dev['teacher']['score']:.2f} (drop {dev['dev_drop_points'] or 0.0:.2f} points"
+                        + (", 90% interval [{:.2f}, {:.2f}]".format(*dev["dev_drop_interval_90"])
+                           if dev.get("dev_drop_interval_90") else "") + ")")
         summary += "."
     split = data["split"]
     notes = (f"Selection split: {split['validation_examples']} training rows carved with seed {split['seed']} "

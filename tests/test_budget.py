@@ -137,6 +137,7 @@ def test_report_draws_the_pareto_front(searched):
     front = [r["name"] for r in result["candidates"] if r["on_front"]]
     assert front and all(name in md for name in front)
     assert "Pareto" in md and result["chosen"] in md
+    assert "90% interval [{:.2f}, {:.2f}]".format(*result["dev"]["dev_drop_interval_90"]) in md
 
 
 @pytest.mark.slow
