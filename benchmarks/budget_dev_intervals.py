@@ -48,12 +48,16 @@ def main(argv=None) -> None:
             scored[folder] = evaluate(str(folder), task, args.glue_dir, progress=False)
         return scored[folder]
 
+    gold: dict[str, list] = {}  # each task's dev labels, read once
     rows = []
     for r in json.loads(Path(args.budget).read_text())["rows"]:
         if not r.get("chosen"):
             continue
-        task, chosen, teacher = r["task"], chosen_folder(r), ROOT / run_result(r)["teacher"]["path"]
-        labels = [ex.label for ex in load_glue(task, dev_split(get_task(task)), args.glue_dir)]
+        task, search = r["task"], run_result(r)
+        chosen, teacher = chosen_folder(r, search), ROOT / search["teacher"]["path"]
+        if task not in gold:
+            gold[task] = [ex.label for ex in load_glue(task, dev_split(get_task(task)), args.glue_dir)]
+        labels = gold[task]
         t, c = answers(teacher, task), answers(chosen, task)
         drop = round(100 * (t.metrics["score"] - c.metrics["score"]), 3)
         if abs(drop - r["dev_drop_points"]) > 0.01:  # another model than the row's: never mix runs

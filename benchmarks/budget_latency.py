@@ -38,9 +38,11 @@ def run_result(row: dict) -> dict:
     return json.loads(path.read_text())
 
 
-def chosen_folder(row: dict) -> Path:
-    """The chosen candidate's own folder, as its search recorded it (an fp32 candidate is its graph's folder)."""
-    return ROOT / next(c["folder"] for c in run_result(row)["candidates"] if c["name"] == row["chosen"])
+def chosen_folder(row: dict, result: dict | None = None) -> Path:
+    """The chosen candidate's own folder, as its search (`result`, read when not given) recorded it: an fp32
+    candidate is its graph's folder."""
+    result = result or run_result(row)
+    return ROOT / next(c["folder"] for c in result["candidates"] if c["name"] == row["chosen"])
 
 
 def main(argv=None) -> None:
