@@ -21,11 +21,16 @@ from the same student and data, and a file made from another student is started 
     python benchmarks/prune_recovery.py --student runs/quickstart/student --glue-dir ../shared/glue_data
     python benchmarks/prune_recovery.py --student runs/quickstart/student --parts vocab   # one part again
     python benchmarks/prune_recovery.py --student S --parts prune --variants prediction,transformer --seeds 0,1,2
+
+A student that kept rows apart from its training (the accuracy budget's, under `budget/selection-data/`) can
+recover on its own training rows (`--train-file`) and be scored there as well as on dev (`--validation-dir`, a
+GLUE-layout folder whose SST-2/dev.tsv holds the carved rows): the row's `validation_drop_points`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -51,16 +56,23 @@ def variants(args) -> dict[str, dict]:
     return {name: opts for name, opts in every.items() if kinds[name] in args.variants}
 
 
-def prune_part(args, work: Path, base_score: float) -> dict:
+def section_tag(args) -> str:
+    """What sets a prune section (and its folders) apart from the default one: the recovery rows and the ratios."""
+    rows = "" if args.train_rows == DEFAULT_TRAIN_ROWS else f"-rows{args.train_rows or 'all'}"
+    ratios = "" if (args.heads, args.ffn) == (0.5, 0.5) else f"-h{args.heads:g}-f{args.ffn:g}"
+    return rows + ratios
+
+
+def prune_part(args, work: Path, base: dict) -> dict:
     from pipeline.artifacts import read_manifest
+    from pipeline.evaluate import evaluate
     from pipeline.prune import PruneConfig, prune
     from pipeline.training import LoopConfig
 
     rows = []
     for seed in args.seeds:
         for name, opts in variants(args).items():
-            rows_tag = "" if args.train_rows == DEFAULT_TRAIN_ROWS else f"-rows{args.train_rows}"
-            folder = work / f"{name}{rows_tag}-seed{seed}"
+            folder = work / f"{name}{section_tag(args)}-seed{seed}"
             if read_manifest(folder) is None:
                 t0 = time.perf_counter()
                 loop = LoopConfig(epochs=1, batch_size=args.batch_size, learning_rate=args.lr, checkpoint_every=50,
@@ -68,42 +80,59 @@ def prune_part(args, work: Path, base_score: float) -> dict:
                 prune(PruneConfig(model=args.student, task="sst2", out=str(folder), glue_dir=args.glue_dir,
                                   heads=args.heads, ffn=args.ffn, importance_examples=args.importance_examples,
                                   recover_epochs=1, max_train_examples=args.train_rows, num_threads=args.threads,
+                                  train_file=args.train_file,
                                   loop=loop, **opts), resume=True, progress=False)
                 print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
             m = read_manifest(folder)
             dev, before = m.metrics["dev"]["score"], m.metrics["dev_before_recovery"]["score"]
+            carved = {}
+            if args.validation_dir:
+                score = evaluate(str(folder), "sst2", args.validation_dir, progress=False).metrics["score"]
+                carved = {"validation_unpruned": round(base["validation"], 4), "validation": round(score, 4),
+                          "validation_drop_points": round(100 * (base["validation"] - score), 2)}
             rows.append({
                 "variant": name, "seed": seed, **opts, "heads": args.heads, "ffn": args.ffn,
                 "heads_after": m.params["after"]["heads"], "ffn_after": m.params["after"]["ffn"],
                 "params_before": m.params["before"]["params"], "params_after": m.num_parameters,
                 "recovery_rows": m.params["recovery_rows"], "recovery_examples": m.params["recovery_examples"],
                 "recovery_plan": m.params["recovery_plan"],
-                "dev_unpruned": round(base_score, 4),
+                "dev_unpruned": round(base["dev"], 4),
                 "dev_before_recovery": round(before, 4), "dev": round(dev, 4),
-                "dev_drop_points": round(100 * (base_score - dev), 2),
-                "dev_drop_before_recovery_points": round(100 * (base_score - before), 2),
-                "wall_s": m.wall_s,
+                "dev_drop_points": round(100 * (base["dev"] - dev), 2),
+                "dev_drop_before_recovery_points": round(100 * (base["dev"] - before), 2),
+                **carved, "wall_s": m.wall_s,
             })
     # per variant, the mean drop over the seeds, and its ratio to one-shot prediction-only recovery's
     summary = []
     for name in variants(args):
-        drops = [r["dev_drop_points"] for r in rows if r["variant"] == name]
+        mine = [r for r in rows if r["variant"] == name]
+        drops = [r["dev_drop_points"] for r in mine]
         summary.append({"variant": name, "seeds": len(drops), "mean_dev_drop_points": round(sum(drops) / len(drops), 2),
+                        "sd_dev_drop_points": round(statistics.stdev(drops), 2) if len(drops) > 1 else None,
                         "dev_drop_points_per_seed": drops})
-    base = summary[0]["mean_dev_drop_points"]
+        if args.validation_dir:
+            carved = [r["validation_drop_points"] for r in mine]
+            summary[-1].update({"mean_validation_drop_points": round(sum(carved) / len(carved), 2),
+                                "validation_drop_points_per_seed": carved})
+    baseline = summary[0]
     for s in summary:
-        s["drop_vs_one_shot_prediction"] = round(s["mean_dev_drop_points"] / base, 3) if base > 0 else None
+        for split in ("dev", "validation"):
+            if f"mean_{split}_drop_points" in s:
+                ratio = s[f"mean_{split}_drop_points"] / baseline[f"mean_{split}_drop_points"]
+                s["drop_vs_one_shot_prediction" + ("" if split == "dev" else "_on_validation")] = (
+                    round(ratio, 3) if baseline[f"mean_{split}_drop_points"] > 0 else None)
     return {"rows": rows, "summary": summary}
 
 
-def vocab_part(args, work: Path, base_score: float) -> list[dict]:
+def vocab_part(args, work: Path, base: dict) -> list[dict]:
+    base_score = base["dev"]
     from pipeline.artifacts import read_manifest
-    from pipeline.data import load_glue
+    from pipeline.data import load_glue, load_train_examples
     from pipeline.evaluate import evaluate
     from pipeline.vocab import trim_vocab
 
     rows = []
-    train = load_glue("sst2", "train", args.glue_dir)
+    train = load_train_examples("sst2", args.glue_dir, args.train_file)  # the rows the student was trained on
     dev_rows = load_glue("sst2", "dev", args.glue_dir)
     for reserve, characters in VOCAB_SETTINGS:
         folder = work / f"vocab-reserve-{reserve}{'' if characters else '-no-characters'}"
@@ -138,8 +167,15 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=float, default=0.5)
     p.add_argument("--ffn", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=3, help="steps of the iterative variant")
-    p.add_argument("--train-rows", type=int, default=DEFAULT_TRAIN_ROWS,
-                   help="recovery rows: the first N of SST-2 train (another N: its own `prune-rowsN` section)")
+    p.add_argument("--train-rows", type=lambda t: None if t == "all" else int(t), default=DEFAULT_TRAIN_ROWS,
+                   help="recovery rows: the first N of the training rows, or `all` (another N: its own `prune-rowsN` "
+                        "section)")
+    p.add_argument("--train-file", default=None,
+                   help="the recovery rows (SST-2 train.tsv layout; default: --glue-dir's), e.g. the training rows a "
+                        "budget search kept apart from its carved ones")
+    p.add_argument("--validation-dir", default=None,
+                   help="GLUE-layout folder whose SST-2/dev.tsv holds rows carved from train: each variant is scored "
+                        "there as well as on dev")
     p.add_argument("--importance-examples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -168,8 +204,13 @@ def main(argv=None) -> None:
     parts = args.parts.split(",")
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
-    checksums = input_checksums(student=args.student, train=Path(args.glue_dir) / "SST-2" / "train.tsv",
-                                dev=Path(args.glue_dir) / "SST-2" / "dev.tsv")
+    checksums = input_checksums(student=args.student, train=args.train_file or Path(args.glue_dir) / "SST-2" / "train.tsv",
+                                dev=Path(args.glue_dir) / "SST-2" / "dev.tsv",
+                                **({"validation": Path(args.validation_dir) / "SST-2" / "dev.tsv"}
+                                   if args.validation_dir else {}))
+    for name, value in checksums.items():
+        if value is None and name != "student":
+            p.error(f"no {name} rows where they were looked for (--glue-dir, --train-file, --validation-dir)")
     if checksums["student"] is None:
         p.error(f"--student {args.student}: no model weights there")
     if result.get("inputs_sha256") != checksums:
@@ -177,12 +218,14 @@ def main(argv=None) -> None:
     # one folder per student: a variant folder is reused only for the student it was pruned from
     work = Path(args.work) / checksums["student"][:12]
     parent = read_manifest(args.student)
-    base = evaluate(args.student, "sst2", args.glue_dir, progress=False).metrics["score"]
+    base = {"dev": evaluate(args.student, "sst2", args.glue_dir, progress=False).metrics["score"]}
+    if args.validation_dir:
+        base["validation"] = evaluate(args.student, "sst2", args.validation_dir, progress=False).metrics["score"]
     result.pop("seed", None)  # written by an earlier version
     result.update({
         "task": "sst2", "seeds": args.seeds,
         "student": {"path": args.student, "num_parameters": parent.num_parameters if parent else None,
-                    "dev": round(base, 4)},
+                    **{k: round(v, 4) for k, v in base.items()}},
         "inputs_sha256": checksums,
         "selection": "no choice made on dev: settings fixed beforehand, the model after the last recovery step kept, "
                      "dev scored once per variant",
@@ -194,13 +237,14 @@ def main(argv=None) -> None:
             continue  # an earlier run's rows stay, with their own command and commit
         start = time.perf_counter()
         built = build(args, work, base)
-        if part == "prune" and args.train_rows != DEFAULT_TRAIN_ROWS:
-            part = f"prune-rows{args.train_rows}"
+        if part == "prune":
+            part += section_tag(args)
         result[part] = {"command": command_line(), "git_commit": git_commit(),
                         "wall_s": round(time.perf_counter() - start, 1),
                         **(built if isinstance(built, dict) else {"rows": built})}
         if part.startswith("prune"):
             result[part]["settings"] = {"heads": args.heads, "ffn": args.ffn, "train_rows": args.train_rows,
+                                        "train_file": args.train_file, "validation_dir": args.validation_dir,
                                         "recover_epochs": 1, "batch_size": args.batch_size, "learning_rate": args.lr,
                                         "importance_examples": args.importance_examples, "threads": args.threads}
         write_results(out, result)
