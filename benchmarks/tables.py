@@ -327,6 +327,71 @@ def budget() -> str:
         _commands(*data.get("commands", [data.get("command")]), *(r.get("command") for r in data["rows"]))
 
 
+def _drop(values: list[float]) -> str:
+    mean, sd = _mean_sd(values)
+    return f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+
+
+def prune_recovery() -> str:
+    data = _load("prune_recovery.json")
+    if not data:
+        return "No pruning-recovery run yet."
+    student = data["student"]
+    parts, commands = [], []
+    table = []
+    sections = [k for k in data if k.startswith("prune")]
+    for key in sorted(sections, key=lambda k: (data[k]["rows"][0]["recovery_rows"], data[k]["settings"]["heads"])):
+        section = data[key]
+        st = section["settings"]
+        for s in section["summary"]:
+            rows = [r for r in section["rows"] if r["variant"] == s["variant"]]
+            carved = [r["validation_drop_points"] for r in rows if "validation_drop_points" in r]
+            steps = sum(ph["optimizer_steps"] for ph in rows[0]["recovery_plan"])
+            table.append([f"{rows[0]['recovery_rows']:,} ({steps})", f"h{st['heads']:.0%} f{st['ffn']:.0%}", s["variant"],
+                          _drop([r["dev_drop_before_recovery_points"] for r in rows]),
+                          _drop(s["dev_drop_points_per_seed"]),
+                          " / ".join(f"{d:.2f}" for d in s["dev_drop_points_per_seed"]),
+                          (f"{s['drop_vs_one_shot_prediction']:.2f}"
+                           if s.get("drop_vs_one_shot_prediction") is not None else "—"),
+                          _drop(carved) if carved else "—",
+                          (f"{s['drop_vs_one_shot_prediction_on_validation']:.2f}"
+                           if s.get("drop_vs_one_shot_prediction_on_validation") is not None else "—"),
+                          len(rows)])
+        commands.append(section.get("command"))
+    parts.append(_table(["recovery rows (optimizer steps)", "cut", "variant", "dev drop before (the last) recovery",
+                         "dev drop (mean ± sd)", "per seed", "÷ one-shot prediction's", "drop on the carved rows",
+                         "÷ one-shot prediction's (carved)", "seeds"], table, left=3))
+    carved_note = (f" and {_pct(student['validation'])} on the rows carved from train that it never trained on "
+                   "(the budget search's validation split)" if "validation" in student else "")
+    parts.append(f"Student: `{student['path']}` ({student['num_parameters'] / 1e6:.1f}M parameters), dev "
+                 f"{_pct(student['dev'])}{carved_note}. Drops are points against it. {data['selection']}. "
+                 f"{data['note']}")
+    vocab = data.get("vocab")
+    if vocab:
+        parts.append(_table(["reserve", "characters", "vocabulary", "weights", "dev pieces lost to [UNK]",
+                             "words spelled otherwise", "dev drop"],
+                            [[v["reserve"], "yes" if v["characters"] else "no", f"{v['vocab_after']:,}",
+                              f"{v['size_ratio']:.3f}×", f"{100 * v['dev_lost_share']:.2f}%",
+                              f"{100 * v['dev_changed_word_share']:.1f}%", f"{v['dev_drop_points']:.2f}"]
+                             for v in vocab["rows"]], left=2))
+        commands.append(vocab.get("command"))
+    return "\n\n".join(parts) + "\n\n" + _commands(*commands)
+
+
+def batch_invariance() -> str:
+    data = _load("batch_invariance.json")
+    if not data:
+        return "No batch-invariance run yet."
+    sizes = [b["batch_size"] for b in data["rows"][0]["batches"]]
+    table = [[r["artifact"], r.get("quantization") or r["precision"],
+              *(f"{b['changed']} ({100 * b['changed_share']:.1f}%)" for b in r["batches"]),
+              f"{max(b['max_abs_logit_diff'] for b in r['batches']):.2g}"] for r in data["rows"]]
+    return (_table(["artifact", "precision", *(f"answers changed, batches of {b}" for b in sizes),
+                    "largest logit change"], table) +
+            f"\n\n{data['task']} dev, {data['texts']} texts, {data['threads']} thread, neighbours drawn by seed "
+            f"{data['seed']}.\n\n" + _commands(data.get("command")))
+
+
 def train_speed() -> str:
     data = _load("train_speed.json")
     if not data:
@@ -392,7 +457,8 @@ def ort_fusions() -> str:
 
 TABLES = {"headline": headline, "teachers": teachers, "teacher-check": teacher_check, "distill": distill,
           "augment": augment, "early-exit": early_exit, "compress": compress, "serving": serving, "budget": budget,
-          "train-speed": train_speed, "ort-fusions": ort_fusions}
+          "train-speed": train_speed, "ort-fusions": ort_fusions, "prune-recovery": prune_recovery,
+          "batch-invariance": batch_invariance}
 
 # benchmarks/README.md: (table, title, what it measures). The words say what was measured and how; the
 # figures come from the tables only, so the page cannot disagree with the JSON.
@@ -441,6 +507,12 @@ SECTIONS = [
      "Every compression stage on the teacher and the student: plain and fused (O2) ONNX, dynamic, accuracy-aware "
      "and static int8, fp16, neural-compressor's int8 PyTorch graph, and structured pruning (half the heads, half "
      "the FFN) then fused int8."),
+    ("prune-recovery", "Pruning recovery and vocabulary trimming",
+     "Half the heads and half the FFN neurons cut from one importance ranking, then one epoch of recovery from the "
+     "unpruned model on the same rows at the same optimizer steps, three ways: the logits only (one-shot, "
+     "bertforge's default), hidden states and attention then the logits (transformer, half the steps each), and "
+     "three smaller cuts with transformer recovery between them (iterative). Then the student's vocabulary "
+     "trimmed to its training rows' word pieces. `docs/prune-vocab.md` explains both."),
     ("budget", "Accuracy budget",
      "`bertforge run --max-drop B`: the fastest (or smallest) artifact whose score on training rows carved as a "
      "validation split stays within B points of the teacher's, searched over student depth, pruning, vocabulary, "
@@ -451,6 +523,13 @@ SECTIONS = [
      "ops it replaces, so bertforge's CPU sessions turn the fusion off and its fused CPU export leaves it out "
      "(`pipeline/providers.py`). all-MiniLM-L6-v2's shape, whole and with half its heads and FFN removed; every "
      "graph timed both ways side by side in one process."),
+    ("batch-invariance", "Answers that do not depend on the batch",
+     "A dynamically batching server runs each request beside whatever else arrived, padded to the longest text "
+     "(serving/predictor.py). Every dev text answered alone, then in shuffled batches, through the same Predictor: "
+     "dynamic int8 takes one activation scale per batch, so a neighbour can move another row's answer; static int8 "
+     "fixes its scales at calibration. The final SST-2 artifact (`configs/sst2-report.yaml`'s pruned student) as "
+     "fused and plain fp32 ONNX, dynamic int8 of the fused graph and static int8 (QDQ, 256 training rows, minmax) "
+     "of the plain one."),
     ("serving", "Serving",
      "`bertforge serve` under Locust on the same 2 cores, with SST-2 dev sentences: closed loop (users) and fixed "
      "rate (open loop, so latency under load is not understated). In-process req/s is the model alone at the "

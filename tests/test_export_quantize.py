@@ -129,6 +129,28 @@ def test_dynamic_int8_is_small_and_agrees(exported, sst2_dir, tmp_path):
     assert abs(m.metrics["dev"]["score"] - m.metrics["source_dev"]["score"]) <= 0.05
 
 
+def test_static_int8_answers_ignore_their_batch_neighbours_dynamic_ones_do_not(exported, sst2_dir, tmp_path):
+    """What a dynamically batching server sees (benchmarks/batch_invariance.py): the same texts alone and in
+    shuffled batches of 16 through serving's Predictor. Dynamic int8 takes one activation scale per batch, so
+    neighbours move a row's logits; static int8's scales are fixed at calibration, so none can."""
+    from benchmarks.batch_invariance import answers
+    from serving.predictor import Predictor
+
+    quantize(QuantizeConfig(model=str(exported / "fused"), out=str(tmp_path / "dyn"), glue_dir=str(sst2_dir),
+                            eval_examples=32), progress=False)
+    quantize(QuantizeConfig(model=str(exported / "plain"), out=str(tmp_path / "static"), mode="static",
+                            glue_dir=str(sst2_dir), calibration_examples=64, eval_examples=32), progress=False)
+    texts = [ex.text_a for ex in load_glue("sst2", "dev", sst2_dir)[:96]]
+    moved = {}
+    for name in ("dyn", "static"):
+        predictor = Predictor(load_runtime(str(tmp_path / name), num_threads=1), max_tokens=64)
+        _, alone = answers(predictor, texts, 1, seed=0)
+        _, batched = answers(predictor, texts, 16, seed=0)
+        moved[name] = float(np.abs(batched - alone).max())
+    assert moved["static"] <= 1e-5, moved
+    assert moved["dyn"] > 1e-3, moved
+
+
 def test_static_int8_and_fp16(exported, sst2_dir, tmp_path):
     m = quantize(QuantizeConfig(model=str(exported / "plain"), out=str(tmp_path / "s"), mode="static",
                                 glue_dir=str(sst2_dir), calibration_examples=64, eval_examples=DEV), progress=False)
