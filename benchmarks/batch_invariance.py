@@ -8,7 +8,9 @@ other row's int8 grid. Static int8 calibrates its scales once, offline, so no ro
 
 For each artifact the same Predictor the server uses answers every dev text on its own, then the same texts
 shuffled (fixed seed) into batches of each `--batch-sizes`; a row counts as changed when its label differs,
-and the largest logit difference is recorded. Writes benchmarks/results/batch_invariance.json.
+and the largest logit difference is recorded. What invariance costs: every artifact is then timed side by side
+(`bertforge bench`'s interleaved rotation, batch 1, sequence 128, the same threads), and scored on dev.
+Writes benchmarks/results/batch_invariance.json.
 
     python benchmarks/batch_invariance.py --artifact onnx=runs/sst2-report/onnx \\
         --artifact dynamic-int8=runs/sst2-report/int8 --artifact static-int8=runs/sst2-static --task sst2
@@ -69,6 +71,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="the shuffle that picks each text's neighbours")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--bench-seconds", type=float, default=10.0, help="timed seconds per artifact, at least")
+    p.add_argument("--machine-note", default=None, help="what else ran on the machine (recorded)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batch_invariance.json"))
     args = p.parse_args(argv)
     artifacts = {}
@@ -78,6 +82,8 @@ def main(argv=None) -> None:
             p.error(f"--artifact {item}: expected NAME=FOLDER with an existing folder")
         artifacts[name] = path
 
+    from pipeline.artifacts import read_manifest
+    from pipeline.bench import ArtifactSpec, BenchConfig, benchmark_artifacts
     from pipeline.data import get_task, load_glue
     from pipeline.data.tasks import dev_split
 
@@ -90,13 +96,25 @@ def main(argv=None) -> None:
         rows.append({"artifact": name, "path": path, **measure(path, texts, args.batch_sizes, args.seed, args.threads,
                                                                 args.max_tokens),
                      "weights_sha256": input_checksums(a=path)["a"]})
-    write_results(Path(args.out), {
+    result = {
         "benchmark": "batch_invariance", "task": spec.name, "texts": len(texts), "seed": args.seed,
         "threads": args.threads, "max_tokens": args.max_tokens, "command": command_line(), "git_commit": git_commit(),
         "inputs": input_checksums(dev=Path(args.glue_dir) / spec.folder / f"{spec.splits.get(dev_split(spec), dev_split(spec))}.tsv"),
-        "rows": rows})
+        "rows": rows}
     for r in rows:
-        print(r["artifact"], [(b["batch_size"], b["changed"], f"{b['max_abs_logit_diff']:.2e}") for b in r["batches"]])
+        r["dev_score"] = (read_manifest(r["path"]).metrics.get("dev") or {}).get("score")
+    bench = benchmark_artifacts([ArtifactSpec(name, Path(path)) for name, path in artifacts.items()],
+                                BenchConfig(batch_sizes=[1], seq_lens=[128], threads=args.threads, device="cpu",
+                                            cold_start="inprocess", min_seconds=args.bench_seconds,
+                                            max_seconds=4 * args.bench_seconds), progress=False)
+    p50 = {b["artifact"]: b["p50_ms"] for b in bench["results"]}
+    for r in rows:
+        r["p50_ms_b1_s128"] = round(p50[r["artifact"]], 3)
+    write_results(Path(args.out), {**result, "cpu": bench["hardware"].get("cpu_model"),
+                                   "machine_note": args.machine_note})
+    for r in rows:
+        print(r["artifact"], r["dev_score"], r["p50_ms_b1_s128"],
+              [(b["batch_size"], b["changed"], f"{b['max_abs_logit_diff']:.2e}") for b in r["batches"]])
 
 
 if __name__ == "__main__":

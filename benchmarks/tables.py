@@ -385,11 +385,13 @@ def batch_invariance() -> str:
     sizes = [b["batch_size"] for b in data["rows"][0]["batches"]]
     table = [[r["artifact"], r.get("quantization") or r["precision"],
               *(f"{b['changed']} ({100 * b['changed_share']:.1f}%)" for b in r["batches"]),
-              f"{max(b['max_abs_logit_diff'] for b in r['batches']):.2g}"] for r in data["rows"]]
+              f"{max(b['max_abs_logit_diff'] for b in r['batches']):.2g}", _pct(r.get("dev_score")),
+              f"{r['p50_ms_b1_s128']:.2f}" if r.get("p50_ms_b1_s128") else "—"] for r in data["rows"]]
     return (_table(["artifact", "precision", *(f"answers changed, batches of {b}" for b in sizes),
-                    "largest logit change"], table) +
+                    "largest logit change", "dev score", "p50 ms b1 s128"], table) +
             f"\n\n{data['task']} dev, {data['texts']} texts, {data['threads']} thread, neighbours drawn by seed "
-            f"{data['seed']}.\n\n" + _commands(data.get("command")))
+            f"{data['seed']}; latencies timed side by side in one run ({data.get('machine_note') or 'machine load not recorded'})."
+            "\n\n" + _commands(data.get("command")))
 
 
 def train_speed() -> str:
