@@ -390,7 +390,7 @@ def batch_invariance() -> str:
     return (_table(["artifact", "precision", *(f"answers changed, batches of {b}" for b in sizes),
                     "largest logit change", "dev score", "p50 ms b1 s128"], table) +
             f"\n\n{data['task']} dev, {data['texts']} texts, {data['threads']} thread, neighbours drawn by seed "
-            f"{data['seed']}; latencies timed side by side in one run ({data.get('machine_note') or 'machine load not recorded'})."
+            f"{data['seed']}; latencies timed side by side in one run: {data.get('machine_note') or 'machine load not recorded'}."
             "\n\n" + _commands(data.get("command")))
 
 
@@ -531,7 +531,9 @@ SECTIONS = [
      "dynamic int8 takes one activation scale per batch, so a neighbour can move another row's answer; static int8 "
      "fixes its scales at calibration. The final SST-2 artifact (`configs/sst2-report.yaml`'s pruned student) as "
      "fused and plain fp32 ONNX, dynamic int8 of the fused graph and static int8 (QDQ, 256 training rows, minmax) "
-     "of the plain one."),
+     "of the plain one: `bertforge export --model runs/sst2-report/pruned --out runs/sst2-static/onnx-plain "
+     "--optimize none`, then `bertforge quantize --model runs/sst2-static/onnx-plain --out "
+     "runs/sst2-static/int8-static --mode static`."),
     ("serving", "Serving",
      "`bertforge serve` under Locust on the same 2 cores, with SST-2 dev sentences: closed loop (users) and fixed "
      "rate (open loop, so latency under load is not understated). In-process req/s is the model alone at the "

@@ -144,6 +144,18 @@ class _RecordRequests:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
+def _batch_invariant(model_dir) -> bool | None:
+    """Whether an input's answer is independent of its batch neighbours, from the artifact's manifest (None:
+    no manifest). Dynamic int8 quantizes each batch's activations with one scale taken over the whole batch;
+    fp32, fp16 and static int8 (scales fixed at calibration) compute every row on its own."""
+    from pipeline.artifacts import read_manifest
+
+    manifest = read_manifest(model_dir)
+    if manifest is None:
+        return None
+    return not (manifest.precision == "int8" and "dynamic" in str((manifest.params or {}).get("mode", "")))
+
+
 def create_app(model_dir: str | Path, config: ServeConfig | None = None, runtime=None) -> FastAPI:
     """Load the model now (a bad folder fails here, before any port is bound); warm it up at startup."""
     from pipeline.onnx_runtime import load_serving_runtime as load_runtime  # torch only for PyTorch artifacts
@@ -161,6 +173,11 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, runtime
     # type, would silently ignore the second text or index past its table.
     accepts_pairs = ("token_type_ids" in getattr(runtime, "input_names", ("token_type_ids",))
                      and getattr(runtime.config, "type_vocab_size", 0) >= 2)
+    batch_invariant = _batch_invariant(model_dir)
+    if batch_invariant is False and config.max_batch_size > 1:
+        log.warning("%s is dynamic int8: one activation scale per batch, so an answer can change with what it is "
+                    "batched with (about 1.5%% of SST-2 dev answers: benchmarks/results/batch_invariance.json); "
+                    "quantize static, or serve with --max-batch-size 1, for answers that do not", model_dir)
 
     async def warm_up():
         start = time.perf_counter()
@@ -255,6 +272,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, runtime
     async def info():
         return {"model": str(model_dir), "format": runtime.format, "labels": predictor.labels,
                 "regression": predictor.regression, "max_tokens": predictor.max_tokens, "accepts_pairs": accepts_pairs,
+                "batch_invariant_answers": batch_invariant,
                 "model_calls": batcher.model_calls, "config": config.public()}
 
     @app.get("/metrics", dependencies=[Depends(require_key)], summary="Prometheus metrics")

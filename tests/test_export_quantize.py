@@ -149,6 +149,10 @@ def test_static_int8_answers_ignore_their_batch_neighbours_dynamic_ones_do_not(e
         moved[name] = float(np.abs(batched - alone).max())
     assert moved["static"] <= 1e-5, moved
     assert moved["dyn"] > 1e-3, moved
+    # the server says which kind it serves
+    from serving.app import _batch_invariant
+    assert _batch_invariant(tmp_path / "dyn") is False and _batch_invariant(tmp_path / "static") is True
+    assert _batch_invariant(exported / "fused") is True
 
 
 def test_static_int8_and_fp16(exported, sst2_dir, tmp_path):
