@@ -95,7 +95,7 @@ def main(argv=None) -> None:
         print(f"{name}: {len(texts)} texts alone, then in batches of {args.batch_sizes}", flush=True)
         rows.append({"artifact": name, "path": path, **measure(path, texts, args.batch_sizes, args.seed, args.threads,
                                                                 args.max_tokens),
-                     "weights_sha256": input_checksums(a=path)["a"]})
+                     "weights_sha256": input_checksums(weights=path)["weights"]})
     result = {
         "benchmark": "batch_invariance", "task": spec.name, "texts": len(texts), "seed": args.seed,
         "threads": args.threads, "max_tokens": args.max_tokens, "command": command_line(), "git_commit": git_commit(),
