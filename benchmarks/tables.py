@@ -364,7 +364,7 @@ def prune_recovery() -> str:
     carved_note = (f" and {_pct(student['validation'])} on the rows carved from train that it never trained on "
                    "(the budget search's validation split)" if "validation" in student else "")
     parts.append(f"Student: `{student['path']}` ({student['num_parameters'] / 1e6:.1f}M parameters), dev "
-                 f"{_pct(student['dev'])}{carved_note}. Drops are points against it. {data['selection']}. "
+                 f"{_pct(student['dev'])}{carved_note}. Drops are points against it; {data['selection']}. "
                  f"{data['note']}")
     vocab = data.get("vocab")
     if vocab:
