@@ -125,13 +125,12 @@ def prune_part(args, work: Path, base: dict) -> dict:
 
 
 def vocab_part(args, work: Path, base: dict) -> list[dict]:
-    base_score = base["dev"]
     from pipeline.artifacts import read_manifest
     from pipeline.data import load_glue, load_train_examples
     from pipeline.evaluate import evaluate
     from pipeline.vocab import trim_vocab
 
-    rows = []
+    base_score, rows = base["dev"], []
     train = load_train_examples("sst2", args.glue_dir, args.train_file)  # the rows the student was trained on
     dev_rows = load_glue("sst2", "dev", args.glue_dir)
     for reserve, characters in VOCAB_SETTINGS:
