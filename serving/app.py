@@ -176,8 +176,8 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, runtime
     batch_invariant = _batch_invariant(model_dir)
     if batch_invariant is False and config.max_batch_size > 1:
         log.warning("%s is dynamic int8: one activation scale per batch, so an answer can change with what it is "
-                    "batched with (about 1.5%% of SST-2 dev answers: benchmarks/results/batch_invariance.json); "
-                    "quantize static, or serve with --max-batch-size 1, for answers that do not", model_dir)
+                    "batched with (benchmarks/batch_invariance.py measures how often); quantize static, or serve "
+                    "with --max-batch-size 1, for answers that do not", model_dir)
 
     async def warm_up():
         start = time.perf_counter()
