@@ -50,7 +50,8 @@ def measure(path: str, texts: list, batch_sizes: list[int], seed: int, threads: 
     alone_labels, alone_logits = answers(predictor, texts, 1, seed)
     manifest = read_manifest(path)
     out = {"format": manifest.format if manifest else None, "precision": manifest.precision if manifest else None,
-           "quantization": (manifest.params or {}).get("mode") if manifest else None, "batches": []}
+           "quantization": (manifest.params or {}).get("mode") if manifest else None,
+           "dev_score": (manifest.metrics.get("dev") or {}).get("score") if manifest else None, "batches": []}
     for b in batch_sizes:
         t0 = time.perf_counter()
         labels, logits = answers(predictor, texts, b, seed)
@@ -82,7 +83,6 @@ def main(argv=None) -> None:
             p.error(f"--artifact {item}: expected NAME=FOLDER with an existing folder")
         artifacts[name] = path
 
-    from pipeline.artifacts import read_manifest
     from pipeline.bench import ArtifactSpec, BenchConfig, benchmark_artifacts
     from pipeline.data import get_task, load_glue
     from pipeline.data.tasks import dev_split
@@ -101,8 +101,6 @@ def main(argv=None) -> None:
         "threads": args.threads, "max_tokens": args.max_tokens, "command": command_line(), "git_commit": git_commit(),
         "inputs": input_checksums(dev=Path(args.glue_dir) / spec.folder / f"{spec.splits.get(dev_split(spec), dev_split(spec))}.tsv"),
         "rows": rows}
-    for r in rows:
-        r["dev_score"] = (read_manifest(r["path"]).metrics.get("dev") or {}).get("score")
     bench = benchmark_artifacts([ArtifactSpec(name, Path(path)) for name, path in artifacts.items()],
                                 BenchConfig(batch_sizes=[1], seq_lens=[128], threads=args.threads, device="cpu",
                                             cold_start="inprocess", min_seconds=args.bench_seconds,
