@@ -4,7 +4,8 @@ Part `prune`: the same heads and FFN ratios, the same recovery budget (optimizer
 the same training rows), three ways:
   one-shot, prediction-only recovery (bertforge's previous behaviour);
   one-shot, transformer-distillation recovery (hidden states and attention, then the logits);
-  iterative (`--steps` steps), transformer-distillation recovery between them.
+  iterative (`--steps` steps), transformer-distillation recovery between them;
+  one-shot, joint recovery (hidden states, attention and logits summed at every step).
 Each variant runs once per seed (`--seeds`: data order, importance rows, dropout). Each row: dev score
 before any recovery (one-shot) and after, and the drop in points against the unpruned student; the summary
 gives each variant's mean drop and its ratio to one-shot prediction-only recovery's. Nothing is chosen on dev: every setting is fixed beforehand and the model after the last recovery
@@ -50,9 +51,10 @@ def variants(args) -> dict[str, dict]:
         "one-shot-prediction": {"recovery": "prediction", "steps": 1},
         "one-shot-transformer": {"recovery": "transformer", "steps": 1},
         f"iterative-{args.steps}-transformer": {"recovery": "transformer", "steps": args.steps},
+        "one-shot-joint": {"recovery": "joint", "steps": 1},
     }
     kinds = {"one-shot-prediction": "prediction", "one-shot-transformer": "transformer",
-             f"iterative-{args.steps}-transformer": "iterative"}
+             f"iterative-{args.steps}-transformer": "iterative", "one-shot-joint": "joint"}
     return {name: opts for name, opts in every.items() if kinds[name] in args.variants}
 
 
@@ -182,15 +184,15 @@ def main(argv=None) -> None:
                    help="comma-separated: each variant is run once per seed (data order, importance rows, dropout)")
     p.add_argument("--variants", type=lambda t: t.split(","), default=["prediction", "transformer", "iterative"],
                    help="comma-separated: prediction (one-shot, the baseline: always run), transformer (one-shot), "
-                        "iterative")
+                        "iterative, joint (one-shot)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(RESULTS / "prune_recovery"),
                    help="artifact folders (git-ignored), one subfolder per student")
     p.add_argument("--out", default=str(RESULTS / "prune_recovery.json"))
     args = p.parse_args(argv)
-    unknown = set(args.variants) - {"prediction", "transformer", "iterative"}
+    unknown = set(args.variants) - {"prediction", "transformer", "iterative", "joint"}
     if unknown:
-        p.error(f"unknown variant(s) {sorted(unknown)}: choose from prediction, transformer, iterative")
+        p.error(f"unknown variant(s) {sorted(unknown)}: choose from prediction, transformer, iterative, joint")
     if "prediction" not in args.variants:
         args.variants.insert(0, "prediction")  # the baseline every ratio is taken against
 

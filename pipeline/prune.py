@@ -4,7 +4,8 @@ distillation from the unpruned model; or unstructured magnitude pruning.
 Recovery (`recovery`): `prediction` matches the pruned model's logits to the unpruned model's (soft
 cross-entropy); `transformer` first matches every layer's output and the kept heads' attention scores to
 the same layer and heads of the unpruned model (TinyBERT's intermediate losses; a pruned head has no
-counterpart, a kept one its own), then the logits. Iterative pruning (`steps` > 1) removes the same total in
+counterpart, a kept one its own), then the logits; `joint` sums both losses at every step (DynaBERT's
+and CoFi's layer-plus-logit distillation), so the logits are trained for the whole budget. Iterative pruning (`steps` > 1) removes the same total in
 equal steps, re-scoring importance and recovering between them. Every variant spends the same budget,
 `recover_epochs` epochs over the recovery rows, split into phases (`recovery_plan`), so they compare at
 equal cost. The model after the last phase is kept: dev is scored once, never used to choose.
@@ -51,7 +52,7 @@ from pipeline.training import CHECKPOINT_DIR, LoopConfig, TrainLoop
 
 MODELING_FILE = Path(__file__).with_name("modeling_pruned_bert.py")
 AUTO_MAP = {"AutoModelForSequenceClassification": "modeling_pruned_bert.PrunedBertForSequenceClassification"}
-RECOVERY = ("prediction", "transformer")
+RECOVERY = ("prediction", "transformer", "joint")
 PHASES_DIR = "phases"  # OUT/checkpoints/phases/<phase>/: each recovery phase's resume state and finished model
 
 
@@ -74,7 +75,8 @@ class PruneConfig:
     recover_epochs: int = setting(0, "recovery budget: epochs of distillation from the unpruned model over the "
                                      "recovery rows, shared by all steps and phases")
     recovery: str = setting("prediction", "prediction: match the unpruned model's logits; transformer: its hidden "
-                                          "states and attention scores first, then its logits", choices=RECOVERY)
+                                          "states and attention scores first, then its logits; joint: both at "
+                                          "every step", choices=RECOVERY)
     intermediate_share: float = setting(0.5, "transformer recovery: share of the budget spent on hidden states and "
                                              "attention (the rest on the logits)")
     temperature: float = setting(1.0, "soft cross-entropy temperature of the recovery")
@@ -276,7 +278,7 @@ def fractions_for_budget(model, target_params: int) -> float:
 @dataclass(frozen=True)
 class RecoveryPhase:
     step: int  # the pruning step (1-based) it follows
-    loss: str  # transformer | prediction
+    loss: str  # transformer | prediction | joint
     optimizer_steps: int
 
     @property
@@ -286,12 +288,12 @@ class RecoveryPhase:
 
 def recovery_plan(cfg: PruneConfig, steps_per_epoch: int) -> list[RecoveryPhase]:
     """The recovery phases in order. Their optimizer steps add up to `recover_epochs` epochs' worth:
-    prediction recovery takes an equal share after each pruning step; transformer recovery spends
+    prediction and joint recovery take an equal share after each pruning step; transformer recovery spends
     `intermediate_share` on the intermediate losses, split equally over the pruning steps, and the rest
     on the logits after the last step."""
     total, n = cfg.recover_epochs * steps_per_epoch, cfg.steps
-    if cfg.recovery == "prediction":
-        shares = [(k, "prediction", 1 / n) for k in range(1, n + 1)]
+    if cfg.recovery in ("prediction", "joint"):
+        shares = [(k, cfg.recovery, 1 / n) for k in range(1, n + 1)]
     else:
         shares = [(k, "transformer", cfg.intermediate_share / n) for k in range(1, n + 1)]
         shares.append((n, "prediction", 1 - cfg.intermediate_share))
@@ -311,28 +313,35 @@ def kept_heads(config, layer: int, num_heads: int) -> list[int]:
     return [h for h in range(num_heads) if h not in gone]
 
 
-def intermediate_loss_fn(student, teacher, student_capture: ScoreCapture, teacher_capture: ScoreCapture):
+def intermediate_loss_fn(student, teacher, student_capture: ScoreCapture, teacher_capture: ScoreCapture,
+                         temperature: float | None = None):
     """loss_fn for TrainLoop: each layer's output (the embeddings' too) against the same layer of the
     unpruned teacher, and each kept head's attention scores against that same head of the teacher.
-    Pruning keeps the hidden width, so no projection is needed."""
+    Pruning keeps the hidden width, so no projection is needed. With a `temperature` (joint recovery) the
+    logits' soft cross-entropy is added, from the same forward passes."""
     total_heads = teacher.config.num_attention_heads
     heads = []  # per layer: the teacher's positions of the student's heads
     for i in range(student.config.num_hidden_layers):
         teacher_ids = kept_heads(teacher.config, i, total_heads)
         heads.append(torch.tensor([teacher_ids.index(h) for h in kept_heads(student.config, i, total_heads)]))
     same = torch.nn.Identity()
+    logits = temperature is not None
 
     def loss_fn(batch):
         batch.pop("idx", None)
         batch.pop("labels", None)
         mask = batch["attention_mask"]
         with torch.no_grad():
-            t = run_with_internals(teacher, batch, teacher_capture, logits=False)
-        s = run_with_internals(student, batch, student_capture, logits=False)
+            t = run_with_internals(teacher, batch, teacher_capture, logits=logits)
+        s = run_with_internals(student, batch, student_capture, logits=logits)
         hidden = sum(hidden_loss(hs, ht, same, mask) for hs, ht in zip(s.hidden_states, t.hidden_states))
         attention = sum(attention_loss(s.scores[n], t.scores[n][:, heads[n - 1].to(mask.device)], mask)
                         for n in s.scores)
-        return {"loss": hidden + attention, "hidden": hidden, "attention": attention}
+        parts = {"loss": hidden + attention, "hidden": hidden, "attention": attention}
+        if logits:
+            parts["prediction"] = prediction_loss(s.logits, t.logits, temperature)
+            parts["loss"] = parts["loss"] + parts["prediction"]
+        return parts
 
     return loss_fn
 
@@ -356,8 +365,9 @@ def recover(cfg: PruneConfig, phase: RecoveryPhase, index: int, model, teacher, 
     epochs = math.ceil(phase.optimizer_steps / steps_per_epoch)
     loop_cfg = replace(cfg.loop, epochs=epochs, max_steps_per_epoch=phase.optimizer_steps // epochs,
                        seed=cfg.loop.seed + index)
-    captures = [ScoreCapture(model), ScoreCapture(teacher)] if phase.loss == "transformer" else []
-    loss_fn = (intermediate_loss_fn(model, teacher, *captures) if captures
+    captures = [ScoreCapture(model), ScoreCapture(teacher)] if phase.loss in ("transformer", "joint") else []
+    loss_fn = (intermediate_loss_fn(model, teacher, *captures,
+                                    temperature=cfg.temperature if phase.loss == "joint" else None) if captures
                else prediction_loss_fn(model, teacher, cfg.temperature))
     try:
         loop = TrainLoop(loop_cfg, model, dataset, collator, loss_fn, work, desc=f"prune-recover {phase.name}",

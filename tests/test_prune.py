@@ -121,11 +121,12 @@ def test_cli_bad_inputs(tiny_bert, sst2_dir, tmp_path, capsys):
 # -- recovery by transformer distillation, iterative pruning ---------------------------------------
 
 def test_recovery_plan_spends_the_same_budget():
-    for recovery, steps in (("prediction", 1), ("prediction", 3), ("transformer", 1), ("transformer", 3)):
+    for recovery, steps in (("prediction", 1), ("prediction", 3), ("transformer", 1), ("transformer", 3), ("joint", 1),
+                            ("joint", 3)):
         cfg = PruneConfig(model="m", task="sst2", out="o", heads=0.5, recover_epochs=2, recovery=recovery, steps=steps)
         plan = recovery_plan(cfg, steps_per_epoch=7)
         assert sum(p.optimizer_steps for p in plan) == 14
-        assert plan[-1].loss == "prediction" and plan[-1].step == steps
+        assert plan[-1].loss == ("joint" if recovery == "joint" else "prediction") and plan[-1].step == steps
         assert [p.step for p in plan] == sorted(p.step for p in plan)
     assert [p.name for p in recovery_plan(PruneConfig(model="m", task="sst2", out="o", recover_epochs=1,
                                                       recovery="transformer", steps=2), 10)] == \
@@ -163,6 +164,12 @@ def test_intermediate_loss_matches_each_kept_head_to_its_own_teacher_head(tiny_b
     with torch.no_grad(), ScoreCapture(unpruned) as s_cap, ScoreCapture(teacher) as t_cap:
         same = intermediate_loss_fn(unpruned, teacher, s_cap, t_cap)(dict(batch))
     assert float(same["loss"]) < 1e-10
+    with torch.no_grad(), ScoreCapture(student) as s_cap, ScoreCapture(teacher) as t_cap:
+        joint = intermediate_loss_fn(student, teacher, s_cap, t_cap, temperature=1.0)(dict(batch))
+    # joint recovery: the same layer terms plus the logits' soft cross-entropy, from the same passes
+    assert torch.allclose(joint["hidden"], parts["hidden"]) and torch.allclose(joint["attention"], parts["attention"])
+    assert float(joint["prediction"]) > 0
+    assert torch.allclose(joint["loss"], parts["loss"] + joint["prediction"])
 
 
 def test_transformer_recovery_and_iterative_pruning(tiny_bert, sst2_dir, tmp_path):
@@ -172,9 +179,12 @@ def test_transformer_recovery_and_iterative_pruning(tiny_bert, sst2_dir, tmp_pat
     tr = prune(_cfg(tiny_bert, tmp_path / "tr", sst2_dir, recovery="transformer", **common), progress=False)
     it = prune(_cfg(tiny_bert, tmp_path / "it", sst2_dir, recovery="transformer", steps=2, eval_dev=False, **common),
                progress=False)
+    joint = prune(_cfg(tiny_bert, tmp_path / "joint", sst2_dir, recovery="joint", eval_dev=False, **common),
+                  progress=False)
+    assert [p["loss"] for p in joint.params["recovery_plan"]] == ["joint"]
     assert "dev" in tr.metrics and "dev_before_recovery" in tr.metrics
     assert it.metrics == {}  # no dev scoring asked for
-    for m in (tr, it):
+    for m in (tr, it, joint):
         assert sum(m.params["after"]["heads"]) == sum(one.params["after"]["heads"]) == 4
         assert sum(m.params["after"]["ffn"]) == sum(one.params["after"]["ffn"]) == 64
         assert m.params["recovery_examples"] == one.params["recovery_examples"] == 4 * 8  # the same budget
