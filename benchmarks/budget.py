@@ -81,6 +81,7 @@ def row_for(task: str, budget: float, objective: str, out: Path, cmd: list[str],
         "validation_drop_points": chosen["validation_drop_points"],
         "confidence": result["budget"].get("confidence"),  # null: the budget held against the measured drop
         "validation_drop_bound_points": chosen.get("validation_drop_bound_points"),
+        "validation_answers_changed": chosen.get("validation_answers_changed"),
         "dev_score": result["dev"]["chosen"]["score"], "teacher_dev_score": result["dev"]["teacher"]["score"],
         "dev_drop_points": result["dev"]["dev_drop_points"],
         "dev_drop_interval_90": result["dev"].get("dev_drop_interval_90"),

@@ -464,8 +464,13 @@ class Search:
         rows = []
         if cfg.confidence is not None:
             self.log(f"bounding the drops at confidence {cfg.confidence:g}")
+        # the share of carved rows whose answer differs from the teacher's: an accuracy can move by no more, so
+        # it shows how far a small split's drop can be trusted (regression tasks have no answers to compare)
+        teacher_answers = None if self.task.is_regression else self.predictions(self.inputs.teacher)
         for n in leaves:
             drop = self.drop_of(n["validation"])
+            changed = None if teacher_answers is None else round(
+                sum(a != b for a, b in zip(self.predictions(Path(n["folder"])), teacher_answers)) / len(teacher_answers), 4)
             bound = self.drop_bound(Path(n["folder"])) if cfg.confidence is not None else None
             misses = []
             if (drop if bound is None else bound) > cfg.max_drop:
@@ -478,6 +483,7 @@ class Search:
             rows.append({"name": n["name"], "folder": n["folder"], "settings": n["settings"],
                          "validation_score": n["validation"]["score"], "validation_metrics": n["validation"],
                          "validation_drop_points": drop, "validation_drop_bound_points": bound,
+                         "validation_answers_changed": changed,
                          "latency_ms": n["latency_ms"], "size_bytes": n["size_bytes"],
                          "build_s": n.get("build_s"), "feasible": not misses, "misses": misses})
         order = (lambda r: (r["latency_ms"], r["size_bytes"])) if cfg.objective == "latency" else \

@@ -1,7 +1,8 @@
 """The accuracy-budget section of the report, from a search's `budget.json` (pipeline/budget.py): every
 candidate's validation score against its batch-1 latency (marker area = size on disk), the budget drawn as
 a line, the Pareto front joined, the chosen artifact marked with its one dev score beside it, and a table
-of the front. The templates include it from `report_budget.html.j2` / `report_budget.md.j2`.
+of the front (with the share of validation answers that differ from the teacher's: an accuracy drop can be no
+larger, and on a few hundred rows it says how far the measured drop can be trusted). The templates include it from `report_budget.html.j2` / `report_budget.md.j2`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from pipeline.errors import BertforgeError
 
 COLUMNS = ["candidate", "depth", "heads", "ffn", "vocab", "graph", "quantization", "validation score",
-           "drop (points)", "latency b1 ms", "size MB", "fits"]
+           "drop (points)", "answers changed", "latency b1 ms", "size MB", "fits"]
 
 
 def load_budget(path: str | Path) -> dict:
@@ -39,7 +40,7 @@ def budget_section(path: str | Path) -> dict:
         table.append({"name": r["name"], "chosen": r["name"] == data["chosen"], "cells": [
             r["name"], str(s.get("depth", "—")), f"{heads:.0%}", f"{ffn:.0%}", s.get("vocab", "full"), s.get("graph", "—"),
             s.get("quantize", "—"), _fmt(100 * r["validation_score"], ".2f"), _fmt(r["validation_drop_points"] or 0.0, ".2f"),
-            _fmt(r["latency_ms"], ".3g"), _fmt(r["size_bytes"] / 1e6, ".2f"), "yes" if r["feasible"] else "no"]})
+            _fmt(r.get("validation_answers_changed"), ".1%"), _fmt(r["latency_ms"], ".3g"), _fmt(r["size_bytes"] / 1e6, ".2f"), "yes" if r["feasible"] else "no"]})
     dev = data.get("dev") or {}
     teacher_val = 100 * data["teacher"]["validation_score"]
     summary = (f"Budget: at most {b['max_drop']:g} points below the teacher's validation score ({teacher_val:.2f})"

@@ -3,6 +3,7 @@ an interruption without redoing finished candidates, and never scores a choice o
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,14 @@ def test_the_fastest_candidate_inside_the_budget_is_kept(searched):
     assert {r["settings"]["depth"] for r in rows} == {1, 2}
     # budget 100: every row fits. Tiny models can time alike to 0.1 us; equal latencies go to the smaller file
     assert result["chosen"] == min(rows, key=fastest_first)["name"]
+    # answers changed against the teacher's: an accuracy can move by no more than that share of the rows
+    search = json.loads((root / "run" / "budget" / "search.json").read_text())
+    answers = search["validation_predictions"]
+    teacher = answers[search["teacher"]["id"]]
+    for r in rows:
+        mine = answers[budget_mod._input_id(Path(r["folder"]))]
+        assert r["validation_answers_changed"] == round(sum(a != b for a, b in zip(mine, teacher)) / len(teacher), 4)
+        assert abs(r["validation_drop_points"]) <= 100 * r["validation_answers_changed"] + 1e-6
     # the published artifact is that candidate, with both scores and the split it was chosen on
     chosen = json.loads((made["chosen"] / "bertforge.json").read_text())
     assert chosen["stage"] == "budget" and chosen["params"]["selection_split"]["validation_examples"] == 48
