@@ -104,15 +104,21 @@ def prune_part(args, work: Path, base: dict) -> dict:
                 "dev_drop_before_recovery_points": round(100 * (base["dev"] - before), 2),
                 **carved, "wall_s": m.wall_s,
             })
-    # per variant, the mean drop over the seeds, and its ratio to one-shot prediction-only recovery's
+    return {"rows": rows, "summary": summarize(rows, list(variants(args)))}
+
+
+def summarize(rows: list[dict], names: list[str]) -> list[dict]:
+    """Per variant (`names`, the baseline first), the mean drop over the seeds, and its ratio to one-shot
+    prediction-only recovery's; on the carved rows too where the rows were scored there. Seeds run as
+    separate processes are merged by calling it on all their rows."""
     summary = []
-    for name in variants(args):
+    for name in names:
         mine = [r for r in rows if r["variant"] == name]
         drops = [r["dev_drop_points"] for r in mine]
         summary.append({"variant": name, "seeds": len(drops), "mean_dev_drop_points": round(sum(drops) / len(drops), 2),
                         "sd_dev_drop_points": round(statistics.stdev(drops), 2) if len(drops) > 1 else None,
                         "dev_drop_points_per_seed": drops})
-        if args.validation_dir:
+        if all("validation_drop_points" in r for r in mine):
             carved = [r["validation_drop_points"] for r in mine]
             summary[-1].update({"mean_validation_drop_points": round(sum(carved) / len(carved), 2),
                                 "validation_drop_points_per_seed": carved})
@@ -123,7 +129,7 @@ def prune_part(args, work: Path, base: dict) -> dict:
                 ratio = s[f"mean_{split}_drop_points"] / baseline[f"mean_{split}_drop_points"]
                 s["drop_vs_one_shot_prediction" + ("" if split == "dev" else "_on_validation")] = (
                     round(ratio, 3) if baseline[f"mean_{split}_drop_points"] > 0 else None)
-    return {"rows": rows, "summary": summary}
+    return summary
 
 
 def vocab_part(args, work: Path, base: dict) -> list[dict]:

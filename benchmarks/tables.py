@@ -358,6 +358,8 @@ def prune_recovery() -> str:
                            if s.get("drop_vs_one_shot_prediction_on_validation") is not None else "—"),
                           len(rows)])
         commands.append(section.get("command"))
+    notes = [f"h{data[k]['settings']['heads']:.0%} f{data[k]['settings']['ffn']:.0%}, "
+             f"{data[k]['rows'][0]['recovery_rows']:,} rows: {data[k]['note']}" for k in sections if data[k].get("note")]
     parts.append(_table(["recovery rows (optimizer steps)", "cut", "variant", "dev drop before (the last) recovery",
                          "dev drop (mean ± sd)", "per seed", "÷ one-shot prediction's", "drop on the carved rows",
                          "÷ one-shot prediction's (carved)", "seeds"], table, left=3))
@@ -365,7 +367,7 @@ def prune_recovery() -> str:
                    "(the budget search's validation split)" if "validation" in student else "")
     parts.append(f"Student: `{student['path']}` ({student['num_parameters'] / 1e6:.1f}M parameters), dev "
                  f"{_pct(student['dev'])}{carved_note}. Drops are points against it; {data['selection']}. "
-                 f"{data['note']}")
+                 f"{data['note']}" + "".join(f"\n\n{n}" for n in notes))
     vocab = data.get("vocab")
     if vocab:
         parts.append(_table(["reserve", "characters", "vocabulary", "weights", "dev pieces lost to [UNK]",
