@@ -469,8 +469,8 @@ class Search:
         teacher_answers = None if self.task.is_regression else self.predictions(self.inputs.teacher)
         for n in leaves:
             drop = self.drop_of(n["validation"])
-            changed = None if teacher_answers is None else round(
-                sum(a != b for a, b in zip(self.predictions(Path(n["folder"])), teacher_answers)) / len(teacher_answers), 4)
+            changed = None if teacher_answers is None else round(sum(
+                a != b for a, b in zip(self.predictions(Path(n["folder"])), teacher_answers)) / len(teacher_answers), 4)
             bound = self.drop_bound(Path(n["folder"])) if cfg.confidence is not None else None
             misses = []
             if (drop if bound is None else bound) > cfg.max_drop:

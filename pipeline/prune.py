@@ -5,10 +5,10 @@ Recovery (`recovery`): `prediction` matches the pruned model's logits to the unp
 cross-entropy); `transformer` first matches every layer's output and the kept heads' attention scores to
 the same layer and heads of the unpruned model (TinyBERT's intermediate losses; a pruned head has no
 counterpart, a kept one its own), then the logits; `joint` sums both losses at every step (DynaBERT's
-and CoFi's layer-plus-logit distillation), so the logits are trained for the whole budget. Iterative pruning (`steps` > 1) removes the same total in
-equal steps, re-scoring importance and recovering between them. Every variant spends the same budget,
-`recover_epochs` epochs over the recovery rows, split into phases (`recovery_plan`), so they compare at
-equal cost. The model after the last phase is kept: dev is scored once, never used to choose.
+and CoFi's layer-plus-logit distillation), so the logits are trained for the whole budget. Iterative
+pruning (`steps` > 1) removes the same total in equal steps, re-scoring importance and recovering between
+them. Every variant spends the same budget, `recover_epochs` epochs over the recovery rows, split into
+phases (`recovery_plan`), so they compare at equal cost. The model after the last phase is kept: dev is scored once, never used to choose.
 
 Importance is measured on task data with gates: each head's output and each FFN neuron's activation is
 multiplied by a gate fixed at 1, and the importance of a unit is the accumulated |d loss / d gate|
