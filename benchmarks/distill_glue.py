@@ -125,6 +125,12 @@ def method_budget(method: str, sched: dict, task: str, args, train_dir: Path) ->
     return sched["intermediate_epochs"], {"slope": slope, "successor_epochs": sched["prediction_epochs"]}
 
 
+def trained_epochs(epochs: int, options: dict) -> int:
+    """Epochs over the training rows a method's row runs, from `method_budget`: theseus trains its successor
+    alone for `successor_epochs` after the replacing epochs, and both count."""
+    return epochs + options.get("successor_epochs", 0)
+
+
 def steps_per_epoch(task: str, sched: dict, args, train_dir: Path) -> int:
     """Optimizer steps per epoch. An augmented file takes as many as the plain rows it was made from, so
     augmented and plain rows train the same number of steps (each epoch a new random draw of the
@@ -259,7 +265,8 @@ def run_one(task: str, method: str, student: str, args) -> dict:
         "retention": round(student_score / t_manifest.score, 4) if t_manifest.score else None,
         "trivial_score": round(trivial, 4), "margin_retention": round(margin, 4) if margin is not None else None,
         "selection_score": round(selection_metrics["score"], 4), "selection": split,
-        "examples_processed": min(manifest.params["train_examples"], steps * sched["batch_size"]) * epochs,
+        "examples_processed": min(manifest.params["train_examples"], steps * sched["batch_size"])
+                              * trained_epochs(epochs, options),
         "params": manifest.num_parameters, "teacher_params": t_manifest.num_parameters,
         "wall_s": round(wall, 1), "schedule": {**sched, "train_examples": manifest.params["train_examples"],
                                                "train_file": cfg.train_file, "method_epochs": epochs,
