@@ -5,7 +5,9 @@ the same training rows), three ways:
   one-shot, prediction-only recovery (bertforge's previous behaviour);
   one-shot, transformer-distillation recovery (hidden states and attention, then the logits);
   iterative (`--steps` steps), transformer-distillation recovery between them;
-  one-shot, joint recovery (hidden states, attention and logits summed at every step).
+  one-shot, joint recovery (hidden states, attention and logits summed at every step);
+  the transformer and joint recoveries without the attention term (`-hidden`: hidden states only, as
+  DynaBERT and CoFi match layers).
 Each variant runs once per seed (`--seeds`: data order, importance rows, dropout). Each row: dev score
 before any recovery (one-shot) and after, and the drop in points against the unpruned student; the summary
 gives each variant's mean drop and its ratio to one-shot prediction-only recovery's. Nothing is chosen on dev: every setting is fixed beforehand and the model after the last recovery
@@ -52,9 +54,12 @@ def variants(args) -> dict[str, dict]:
         "one-shot-transformer": {"recovery": "transformer", "steps": 1},
         f"iterative-{args.steps}-transformer": {"recovery": "transformer", "steps": args.steps},
         "one-shot-joint": {"recovery": "joint", "steps": 1},
+        "one-shot-transformer-hidden": {"recovery": "transformer", "steps": 1, "attention_weight": 0.0},
+        "one-shot-joint-hidden": {"recovery": "joint", "steps": 1, "attention_weight": 0.0},
     }
     kinds = {"one-shot-prediction": "prediction", "one-shot-transformer": "transformer",
-             f"iterative-{args.steps}-transformer": "iterative", "one-shot-joint": "joint"}
+             f"iterative-{args.steps}-transformer": "iterative", "one-shot-joint": "joint",
+             "one-shot-transformer-hidden": "transformer-hidden", "one-shot-joint-hidden": "joint-hidden"}
     return {name: opts for name, opts in every.items() if kinds[name] in args.variants}
 
 
@@ -190,15 +195,16 @@ def main(argv=None) -> None:
                    help="comma-separated: each variant is run once per seed (data order, importance rows, dropout)")
     p.add_argument("--variants", type=lambda t: t.split(","), default=["prediction", "transformer", "iterative"],
                    help="comma-separated: prediction (one-shot, the baseline: always run), transformer (one-shot), "
-                        "iterative, joint (one-shot)")
+                        "iterative, joint (one-shot), transformer-hidden, joint-hidden (no attention term)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(RESULTS / "prune_recovery"),
                    help="artifact folders (git-ignored), one subfolder per student")
     p.add_argument("--out", default=str(RESULTS / "prune_recovery.json"))
     args = p.parse_args(argv)
-    unknown = set(args.variants) - {"prediction", "transformer", "iterative", "joint"}
+    known = ("prediction", "transformer", "iterative", "joint", "transformer-hidden", "joint-hidden")
+    unknown = set(args.variants) - set(known)
     if unknown:
-        p.error(f"unknown variant(s) {sorted(unknown)}: choose from prediction, transformer, iterative, joint")
+        p.error(f"unknown variant(s) {sorted(unknown)}: choose from {', '.join(known)}")
     if "prediction" not in args.variants:
         args.variants.insert(0, "prediction")  # the baseline every ratio is taken against
 

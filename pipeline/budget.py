@@ -351,8 +351,14 @@ class Search:
         def plain(c, *drop):
             return {k: v for k, v in asdict(c).items() if k not in ("out", "model", "teacher", "glue_dir", *drop)}
 
+        def later(settings: dict, **defaults) -> dict:
+            # settings added after searches were cached count only once moved off their default, so a
+            # cached search keeps its nodes (their fingerprints are what they were built under)
+            return {k: v for k, v in settings.items() if k not in defaults or v != defaults[k]}
+
         return {"depth": lambda: plain(self.inputs.distill, "num_threads", "eval_batch_size"),
-                "prune": lambda: plain(self.inputs.prune, "num_threads", "eval_batch_size", "eval_dev"),
+                "prune": lambda: later(plain(self.inputs.prune, "num_threads", "eval_batch_size", "eval_dev"),
+                                       attention_weight=1.0),
                 "vocab": lambda: {"reserve": self.cfg.vocab_reserve},
                 "graph": lambda: plain(self.inputs.export),
                 "quantize": lambda: {**plain(self.inputs.quantize), "fallback_tolerance": self.cfg.fallback_tolerance},

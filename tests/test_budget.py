@@ -10,7 +10,7 @@ import pytest
 from conftest import make_tiny_bert
 from pipeline import budget as budget_mod
 from pipeline.cli import main
-from pipeline.budget import BudgetConfig, Search, SearchInputs, run_search
+from pipeline.budget import STEPS, BudgetConfig, Search, SearchInputs, run_search
 from pipeline.data import load_glue
 from pipeline.data.glue import Example
 from pipeline.data.split import carve_validation
@@ -355,3 +355,14 @@ def test_the_drop_bound_is_a_paired_bootstrap_of_the_tasks_own_metric():
                             resamples=100) > 80
     with pytest.raises(BertforgeError, match="confidence"):
         BudgetConfig(max_drop=1, confidence=1.5).check()
+
+
+def test_a_setting_added_later_keeps_cached_nodes_until_it_is_moved(tmp_path):
+    """Prune's `attention_weight` came after searches were cached: at its default it is left out of the
+    fingerprint, so those searches keep their nodes; set away from it, the pruned nodes are rebuilt."""
+    step = next(s for s in STEPS if s.name == "prune")
+    default = Search(_small(), _inputs(tmp_path / "a", tmp_path / "teacher", tmp_path), progress=False)
+    assert "attention_weight" not in default.stage_settings(step)
+    moved = _inputs(tmp_path / "b", tmp_path / "teacher", tmp_path)
+    moved.prune.attention_weight = 0.0
+    assert Search(_small(), moved, progress=False).stage_settings(step)["attention_weight"] == 0.0

@@ -170,6 +170,15 @@ def test_intermediate_loss_matches_each_kept_head_to_its_own_teacher_head(tiny_b
     assert torch.allclose(joint["hidden"], parts["hidden"]) and torch.allclose(joint["attention"], parts["attention"])
     assert float(joint["prediction"]) > 0
     assert torch.allclose(joint["loss"], parts["loss"] + joint["prediction"])
+    # attention_weight scales the score term; without captures (weight 0) the layers match by hidden states only
+    with torch.no_grad(), ScoreCapture(student) as s_cap, ScoreCapture(teacher) as t_cap:
+        half = intermediate_loss_fn(student, teacher, s_cap, t_cap, temperature=1.0, attention_weight=0.5)(dict(batch))
+    assert torch.allclose(half["loss"], joint["hidden"] + 0.5 * joint["attention"] + joint["prediction"])
+    with torch.no_grad():
+        hidden_only = intermediate_loss_fn(student, teacher, None, None, temperature=1.0,
+                                           attention_weight=0.0)(dict(batch))
+    assert "attention" not in hidden_only
+    assert torch.allclose(hidden_only["loss"], joint["hidden"] + joint["prediction"])
 
 
 def test_transformer_recovery_and_iterative_pruning(tiny_bert, sst2_dir, tmp_path):
@@ -182,9 +191,15 @@ def test_transformer_recovery_and_iterative_pruning(tiny_bert, sst2_dir, tmp_pat
     joint = prune(_cfg(tiny_bert, tmp_path / "joint", sst2_dir, recovery="joint", eval_dev=False, **common),
                   progress=False)
     assert [p["loss"] for p in joint.params["recovery_plan"]] == ["joint"]
+    hidden = prune(_cfg(tiny_bert, tmp_path / "hidden", sst2_dir, recovery="joint", attention_weight=0.0,
+                        eval_dev=False, **common), progress=False)
+    assert hidden.params["attention_weight"] == 0.0
+    with pytest.raises(BertforgeError, match="attention_weight"):
+        prune(_cfg(tiny_bert, tmp_path / "bad", sst2_dir, recovery="joint", attention_weight=-1.0, **common),
+              progress=False)
     assert "dev" in tr.metrics and "dev_before_recovery" in tr.metrics
     assert it.metrics == {}  # no dev scoring asked for
-    for m in (tr, it, joint):
+    for m in (tr, it, joint, hidden):
         assert sum(m.params["after"]["heads"]) == sum(one.params["after"]["heads"]) == 4
         assert sum(m.params["after"]["ffn"]) == sum(one.params["after"]["ffn"]) == 64
         assert m.params["recovery_examples"] == one.params["recovery_examples"] == 4 * 8  # the same budget
