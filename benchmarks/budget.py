@@ -101,6 +101,16 @@ def row_for(task: str, budget: float, objective: str, out: Path, cmd: list[str],
     }
 
 
+def search_summary(out: Path) -> dict:
+    """Every candidate of a task's search, once (the budgets re-choose among the same ones): what it costs and
+    how far it is from the teacher on the carved rows, the evidence of which budgets a task can meet at all."""
+    result = json.loads((out / "budget" / "budget.json").read_text())
+    keep = ("name", "settings", "validation_drop_points", "validation_answers_changed", "latency_ms", "size_bytes")
+    return {"teacher_validation_score": result["teacher"]["validation_score"], "latency": result["latency"],
+            "validation_examples": result["split"]["validation_examples"],
+            "candidates": [{k: c.get(k) for k in keep} for c in result["candidates"]]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["sst2"])
@@ -122,7 +132,7 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "budget.json"))
     args = p.parse_args()
     teachers = dict(t.split("=", 1) for t in args.teacher)
-    rows, start = [], time.perf_counter()
+    rows, searches, start = [], {}, time.perf_counter()
     for task in args.tasks:
         if task not in teachers:
             sys.exit(f"no --teacher {task}=FOLDER")
@@ -136,6 +146,7 @@ def main() -> None:
             print(json.dumps({k: rows[-1].get(k) for k in ("task", "budget", "objective", "chosen", "validation_drop_points",
                                                            "validation_drop_bound_points", "dev_drop_points", "latency_b1_vs_bert_base_torch_fp32",
                                                            "size_vs_bert_base_fp32")}), flush=True)
+        searches[task] = search_summary(out)
         teacher = out / "teacher" if task in args.finetune_teacher else Path(teachers[task])
         for r in rows:
             if r["task"] == task:
@@ -154,6 +165,7 @@ def main() -> None:
                  f"absolute times across runs are not comparable."),
         "wall_s": round(time.perf_counter() - start, 1),
         "rows": rows,
+        "searches": searches,
     })
 
 

@@ -323,8 +323,46 @@ def budget() -> str:
     return _table(["task", "budget (points)", "objective, rule", "chosen", "validation drop (bound)", "dev drop [90% interval]",
                    "dev score", "× faster vs PyTorch fp32 (quiet)", "× faster vs ORT int8 (quiet)",
                    "× faster vs PyTorch fp32 (in its run, loaded)", "MB", "× smaller"], table, left=4) + \
-        (f"\n\n{note}" if note else "") + quiet_note + "\n\n" + \
+        (f"\n\n{note}" if note else "") + quiet_note + budget_fidelity(data.get("searches") or {}) + "\n\n" + \
         _commands(*data.get("commands", [data.get("command")]), *(r.get("command") for r in data["rows"]))
+
+
+FIDELITY = (0.0, 0.02, 0.05, 0.10, 1.0)  # shares of the teacher's carved answers a candidate may change
+
+
+def budget_fidelity(searches: dict) -> str:
+    """Per task, the fastest candidate that changes at most a given share of the teacher's answers on the carved
+    rows: how much speed each degree of closeness to the teacher costs. An accuracy can move by no more than the
+    share of answers that changed, so a budget below that share is a bet on which answers moved."""
+    if not searches:
+        return ""
+    table = []
+    for task, search in searches.items():
+        cands = [c for c in search["candidates"] if c.get("validation_answers_changed") is not None]
+        teacher = next((c for c in cands if c["settings"]["prune"] == [0.0, 0.0] and c["settings"]["vocab"] == "full"
+                        and c["settings"]["quantize"] == "fp32" and c["validation_answers_changed"] == 0
+                        and c["settings"]["graph"] == "fused"), None)
+        for share in FIDELITY:
+            label = "any" if share >= 1 else f"{share:.0%}"
+            inside = [c for c in cands if c["validation_answers_changed"] <= share + 1e-9]
+            if not inside:
+                table.append([task, label, "none", "—", "—", "—", "—"])
+                continue
+            c = min(inside, key=lambda c: c["latency_ms"])
+            st = c["settings"]
+            what = f"L{st['depth']} h{st['prune'][0]:.0%} f{st['prune'][1]:.0%} {st['vocab']} {st['graph']} {st['quantize']}"
+            table.append([task, label, what, f"{c['validation_answers_changed']:.1%}",
+                          f"{c['validation_drop_points']:.2f}", f"{c['latency_ms']:.2f}",
+                          _x(teacher["latency_ms"] / c["latency_ms"]) if teacher else "—"])
+    n = {t: s["validation_examples"] for t, s in searches.items()}
+    return ("\n\nHow close to the teacher each speed is: per task, the fastest candidate of the search that changes at "
+            "most a share of the teacher's answers on the carved rows (" +
+            ", ".join(f"{t} {k:,} rows" for t, k in n.items()) + "). A score can move by no more than the share of "
+            "answers that changed, so a budget below that share rests on which answers moved. Latency: the search's "
+            "own round robin (batch 1, sequence 128, one thread); the ratio is against the teacher's fused fp32 "
+            "graph in the same round robin.\n\n" +
+            _table(["task", "answers changed, at most", "fastest such candidate", "answers changed", "validation drop",
+                    "ms, batch 1", "× faster than the teacher's graph"], table, left=3))
 
 
 def _drop(values: list[float]) -> str:

@@ -68,3 +68,23 @@ def test_portable_paths(tmp_path, monkeypatch):
     assert portable_text(f"masked-lm:{inside}/aug.tsv.mlm") == "masked-lm:benchmarks/results/teachers/sst2/aug.tsv.mlm"
     row = portable({"artifact": str(inside), "scores": [0.5], "lineage": [{"path": "/tmp/x/teacher"}]})
     assert row == {"artifact": "benchmarks/results/teachers/sst2", "scores": [0.5], "lineage": [{"path": "<external>/teacher"}]}
+
+
+def test_the_fidelity_table_takes_the_fastest_candidate_at_each_closeness_to_the_teacher():
+    def cand(name, depth, prune, quantize, changed, drop, ms):
+        return {"name": name, "settings": {"depth": depth, "prune": prune, "vocab": "full", "graph": "fused",
+                                           "quantize": quantize},
+                "validation_answers_changed": changed, "validation_drop_points": drop, "latency_ms": ms}
+    search = {"validation_examples": 400, "candidates": [
+        cand("teacher", 6, [0.0, 0.0], "fp32", 0.0, 0.0, 20.0),
+        cand("int8", 6, [0.0, 0.0], "dynamic", 0.045, 0.5, 8.0),
+        cand("pruned", 6, [0.5, 0.5], "dynamic", 0.09, -3.0, 5.0),
+        cand("small", 3, [0.5, 0.5], "dynamic", 0.125, 0.0, 2.5)]}
+    lines = [line for line in tables.budget_fidelity({"mrpc": search}).splitlines() if line.startswith("| mrpc")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [c[1] for c in cells] == ["0%", "2%", "5%", "10%", "any"]
+    assert [c[2] for c in cells] == ["L6 h0% f0% full fused fp32", "L6 h0% f0% full fused fp32",
+                                     "L6 h0% f0% full fused dynamic", "L6 h50% f50% full fused dynamic",
+                                     "L3 h50% f50% full fused dynamic"]
+    assert cells[2][6] == "2.5×" and cells[4][6] == "8.0×"  # against the teacher's graph, same round robin
+    assert tables.budget_fidelity({}) == ""
